@@ -1,0 +1,10 @@
+// Public face of the agent's bundle handling: download, verify, extract, run.
+// Everything here treats the bundle as hostile until proven otherwise.
+export {
+  downloadBundle, sha256File, DownloadError, BundleVerificationError, type DownloadOptions,
+} from './download.js';
+export {
+  extractBundle, resolveBundlePath, EntryPolicy, UnsafeBundleError, BundleFormatError,
+  DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, type ExtractLimits, type EntryHeader,
+} from './extract.js';
+export { runScript, OUTPUT_TAIL_BYTES, type RunScriptOptions, type ScriptResult } from './run.js';
