@@ -1,0 +1,118 @@
+#!/usr/bin/env node
+// `kernex server` runs the control plane; `kernex agent` runs a device.
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { createLogger } from './logger.js';
+import { loadControllerConfig, startController, ConfigError, VERSION } from '../controller/index.js';
+import { loadAgentConfig, startAgent, AgentConfigError, EnrollmentError } from '../agent/index.js';
+
+/** Runs until SIGINT/SIGTERM, then stops cleanly; a second signal forces the exit. */
+function untilSignal(stop: () => Promise<void>, logger: { info: (m: string) => void; error: (o: object, m: string) => void }) {
+  let stopping = false;
+  const onSignal = (signal: string) => {
+    if (stopping) process.exit(130);
+    stopping = true;
+    logger.info(`${signal} received, shutting down`);
+    const force = setTimeout(() => process.exit(1), 15_000);
+    force.unref();
+    stop().then(
+      () => process.exit(0),
+      (err: Error) => {
+        logger.error({ err }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+}
+
+function fail(message: string): never {
+  process.stderr.write(`kernex: ${message}\n`);
+  process.exit(2);
+}
+
+await yargs(hideBin(process.argv))
+  .scriptName('kernex')
+  .version(VERSION)
+  .command(
+    'server',
+    'run the control plane (REST API, embedded MQTT broker, store)',
+    (y) => y
+      .option('data-dir', { type: 'string', describe: 'where data lives [KERNEX_DATA_DIR, default ./.kernex]' })
+      .option('http-port', { type: 'number', describe: 'REST API port [KERNEX_HTTP_PORT, default 8000]' })
+      .option('mqtt-port', { type: 'number', describe: 'MQTT port [KERNEX_MQTT_PORT, default 1883]' })
+      .option('host', { type: 'string', describe: 'bind address for both [KERNEX_HTTP_HOST/KERNEX_MQTT_HOST, default 0.0.0.0]' })
+      .option('log-level', { type: 'string', describe: 'trace|debug|info|warn|error [KERNEX_LOG_LEVEL]' }),
+    async (argv) => {
+      let config;
+      try {
+        config = loadControllerConfig({
+          dataDir: argv.dataDir, httpPort: argv.httpPort, mqttPort: argv.mqttPort,
+          httpHost: argv.host, mqttHost: argv.host, logLevel: argv.logLevel,
+        });
+      } catch (err) {
+        if (err instanceof ConfigError) fail(err.message);
+        throw err;
+      }
+      const logger = createLogger(config.logLevel, 'kernex');
+      let controller;
+      try {
+        controller = await startController(config, logger);
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        if (e.code === 'EADDRINUSE') fail(`${e.message}: another process uses that port; pick another with --http-port/--mqtt-port`);
+        throw err;
+      }
+      logger.info(
+        { http: controller.httpUrl, mqtt: controller.mqttUrl, dataDir: config.dataDir, credentials: controller.credentialsFile },
+        `Kernex ${VERSION} listening: REST ${controller.httpUrl}/api/v1, MQTT ${controller.mqttUrl}; ` +
+          `admin and enrollment tokens are in ${controller.credentialsFile}`,
+      );
+      untilSignal(() => controller.stop(), logger);
+    },
+  )
+  .command(
+    'agent',
+    'run the device agent',
+    (y) => y
+      .option('device-id', { type: 'string', describe: 'this device\'s id [KERNEX_DEVICE_ID]' })
+      .option('server', { type: 'string', describe: 'controller URL [KERNEX_SERVER, default http://127.0.0.1:8000]' })
+      .option('mqtt-url', { type: 'string', describe: 'override the MQTT URL given at registration [KERNEX_AGENT_MQTT_URL]' })
+      .option('data-dir', { type: 'string', describe: 'agent state and bundles [KERNEX_AGENT_DATA_DIR, default ./.kernex-agent/<id>]' })
+      .option('enrollment-token', { type: 'string', describe: 'token to register with [KERNEX_ENROLLMENT_TOKEN]' })
+      .option('polling-interval', { type: 'number', describe: 'heartbeat seconds until configured [default 60]' })
+      .option('deploy-timeout', { type: 'number', describe: 'script timeout seconds until configured [default 300]' })
+      .option('keep-bundles', { type: 'number', describe: 'successful bundles kept for rollback [default 3]' })
+      .option('log-level', { type: 'string', describe: 'trace|debug|info|warn|error [KERNEX_LOG_LEVEL]' }),
+    async (argv) => {
+      let config;
+      try {
+        config = loadAgentConfig({
+          deviceId: argv.deviceId, server: argv.server, mqttUrl: argv.mqttUrl, dataDir: argv.dataDir,
+          enrollmentToken: argv.enrollmentToken, pollingInterval: argv.pollingInterval, deployTimeout: argv.deployTimeout,
+          keepBundles: argv.keepBundles, logLevel: argv.logLevel,
+        });
+      } catch (err) {
+        if (err instanceof AgentConfigError) fail(err.message);
+        throw err;
+      }
+      const logger = createLogger(config.logLevel, 'kernex-agent');
+      let agent;
+      try {
+        agent = await startAgent(config, logger);
+      } catch (err) {
+        if (err instanceof EnrollmentError) fail(err.message);
+        if ((err as Error).cause && /fetch failed/.test((err as Error).message)) {
+          fail(`cannot reach the controller at ${config.server}: is it running?`);
+        }
+        throw err;
+      }
+      logger.info({ deviceId: config.deviceId, dataDir: config.dataDir }, 'agent started');
+      untilSignal(() => agent.stop(), logger);
+    },
+  )
+  .demandCommand(1, 'name a command: server or agent')
+  .strict()
+  .help()
+  .parseAsync();

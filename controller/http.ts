@@ -1,0 +1,92 @@
+// The fastify application: error shape, authentication, and the routes.
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import multipart from '@fastify/multipart';
+import type { Logger } from 'pino';
+import { SchemaError } from '../schemas/index.js';
+import type { Principal } from '../broker/index.js';
+import { ApiError, forbidden, unauthorized } from './errors.js';
+import { StoreUnavailableError } from './store/index.js';
+import type { Services } from './services/index.js';
+import { deviceRoutes } from './routes/devices.js';
+import { bundleRoutes } from './routes/bundles.js';
+import { deploymentRoutes } from './routes/deployments.js';
+import { healthRoutes } from './routes/health.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    principal: Principal | null;
+  }
+}
+
+/** Who may call a route: a minimum user role, or a device acting for itself. */
+export type Access = 'admin' | 'operator' | 'viewer' | 'device';
+
+const RANK: Record<string, number> = { viewer: 1, integrator: 1, operator: 2, admin: 3 };
+
+export function allows(principal: Principal | null, access: Access[]): boolean {
+  if (!principal) return false;
+  if (principal.kind === 'device') return access.includes('device');
+  return access.some((a) => a !== 'device' && RANK[principal.role]! >= RANK[a]!);
+}
+
+export interface HttpOptions {
+  services: Services;
+  logger: Logger;
+  mqttPort: number;
+  publicMqttUrl?: string;
+  maxBundleBytes: number;
+}
+
+export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance> {
+  // pino.Logger and fastify's logger type differ only nominally.
+  const app = Fastify({
+    loggerInstance: opts.logger as FastifyBaseLogger,
+    bodyLimit: 1024 * 1024,
+    trustProxy: true,
+  });
+  await app.register(multipart, { limits: { fileSize: opts.maxBundleBytes, files: 1, fields: 8 } });
+
+  app.decorateRequest('principal', null);
+  app.addHook('onRequest', async (req) => {
+    const header = req.headers.authorization;
+    if (!header) return;
+    const match = /^Bearer\s+(\S+)$/i.exec(header);
+    if (!match) throw unauthorized('the Authorization header must be "Bearer <token>"');
+    req.principal = await opts.services.authenticateBearer(match[1]!);
+    if (!req.principal) throw unauthorized('the token is unknown, expired or revoked');
+  });
+
+  app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, req, reply) => {
+    if (err instanceof ApiError) return reply.code(err.statusCode).send({ error: err.code, message: err.message });
+    if (err instanceof SchemaError) return reply.code(400).send({ error: 'invalid_request', message: err.message });
+    if (err instanceof StoreUnavailableError) {
+      req.log.error({ err: err.message }, 'store unavailable');
+      return reply.code(503).send({ error: 'store_unavailable', message: 'the data store is unavailable; retry shortly' });
+    }
+    if (err.statusCode && err.statusCode < 500) {
+      const code = err.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || err.code === 'FST_ERR_CTP_EMPTY_JSON_BODY'
+        ? 'invalid_json' : (err.code ?? 'bad_request').toLowerCase();
+      return reply.code(err.statusCode).send({ error: code, message: err.message });
+    }
+    req.log.error({ err }, 'request failed');
+    return reply.code(500).send({ error: 'internal', message: 'internal error; the controller log has the details' });
+  });
+  app.setNotFoundHandler((req, reply) =>
+    reply.code(404).send({ error: 'not_found', message: `no route ${req.method} ${req.url.split('?')[0]}` }),
+  );
+
+  const guard = (...access: Access[]) => async (req: FastifyRequest, _reply: FastifyReply) => {
+    if (!req.principal) throw unauthorized();
+    if (!allows(req.principal, access)) throw forbidden(`this token may not ${req.method} ${req.routeOptions.url}`);
+  };
+
+  await app.register(async (api) => {
+    await healthRoutes(api);
+    await deviceRoutes(api, { ...opts, guard });
+    await bundleRoutes(api, { ...opts, guard });
+    await deploymentRoutes(api, { ...opts, guard });
+  }, { prefix: '/api/v1' });
+  return app;
+}
+
+export type Guard = (...access: Access[]) => (req: FastifyRequest, reply: FastifyReply) => Promise<void>;

@@ -1,0 +1,99 @@
+// The controller process: store, blobs, services, the embedded broker and the
+// REST API, started and stopped as one.
+import { mkdir } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import type { FastifyInstance } from 'fastify';
+import { createBroker, type Broker } from '../broker/index.js';
+import { openStore, type Store } from './store/index.js';
+import { openBlobStore, type BlobStore } from './blobs/index.js';
+import { openRepositories } from './model.js';
+import { createServices, type Services } from './services/index.js';
+import { createFleetPublisher } from './mqtt/publisher.js';
+import { createBrokerHooks, type MessageCounters } from './mqtt/handlers.js';
+import { createHttpApp } from './http.js';
+import type { ControllerConfig } from './config.js';
+
+export { loadControllerConfig, ConfigError, CONTROLLER_ENV, type ControllerConfig } from './config.js';
+export { VERSION } from './version.js';
+
+export interface Controller {
+  readonly config: ControllerConfig;
+  readonly httpUrl: string;
+  readonly mqttUrl: string;
+  readonly httpPort: number;
+  readonly mqttPort: number;
+  readonly credentialsFile: string;
+  readonly services: Services;
+  readonly broker: Broker;
+  readonly counters: MessageCounters;
+  stop(): Promise<void>;
+}
+
+const hostFor = (bind: string) => (bind === '0.0.0.0' || bind === '::' ? '127.0.0.1' : bind);
+
+export async function startController(config: ControllerConfig, logger: Logger): Promise<Controller> {
+  await mkdir(config.dataDir, { recursive: true });
+  const store: Store = await openStore({ mongoUrl: config.mongoUrl, dataDir: config.dataDir, inMemory: config.inMemoryStore });
+  const blobs: BlobStore = await openBlobStore({ dataDir: config.dataDir, s3: config.s3 });
+  const repos = await openRepositories(store);
+  const counters: MessageCounters = { dropped: 0 };
+
+  // The broker's hooks and the services need each other: the hooks reach the
+  // services through this late-bound reference.
+  let services!: Services;
+  const broker = await createBroker(
+    { persistence: config.redisUrl ? { kind: 'redis', url: config.redisUrl } : { kind: 'memory' } },
+    {
+      authenticate: (...a) => hooks.authenticate(...a),
+      deviceMessage: (...a) => hooks.deviceMessage(...a),
+      clientReady: (...a) => hooks.clientReady?.(...a),
+      clientGone: (...a) => hooks.clientGone?.(...a),
+      subscribed: (...a) => hooks.subscribed?.(...a),
+    },
+    logger.child({ component: 'broker' }),
+  );
+  const publisher = createFleetPublisher(broker, logger);
+  services = createServices({
+    repos, blobs, publisher, logger, heartbeatFlushMs: config.heartbeatFlushMs, maxBundleBytes: config.maxBundleBytes,
+  });
+  const hooks = createBrokerHooks({
+    devices: services.devices, deployments: services.deployments, tokens: services.tokens,
+    logger: logger.child({ component: 'mqtt' }), counters,
+  });
+  await services.devices.start(!config.redisUrl);
+
+  let app: FastifyInstance | undefined;
+  try {
+    const mqttAddress = await broker.listenTcp(config.mqttPort, config.mqttHost);
+    app = await createHttpApp({
+      services, logger, mqttPort: mqttAddress.port, publicMqttUrl: config.publicMqttUrl, maxBundleBytes: config.maxBundleBytes,
+    });
+    await app.listen({ port: config.httpPort, host: config.httpHost });
+    const httpPort = (app.server.address() as { port: number }).port;
+    const httpUrl = config.publicHttpUrl ?? `http://${hostFor(config.httpHost)}:${httpPort}`;
+    const mqttUrl = config.publicMqttUrl ?? `mqtt://${hostFor(config.mqttHost)}:${mqttAddress.port}`;
+    const { file } = await services.tokens.bootstrap(config.dataDir, { server: httpUrl, mqtt: mqttUrl });
+
+    let stopping: Promise<void> | undefined;
+    const httpApp = app;
+    return {
+      config, httpUrl, mqttUrl, httpPort, mqttPort: mqttAddress.port, credentialsFile: file, services, broker, counters,
+      stop() {
+        stopping ??= (async () => {
+          await httpApp.close();
+          await services.devices.stop();
+          await broker.close();
+          await blobs.close();
+          await store.close();
+        })();
+        return stopping;
+      },
+    };
+  } catch (err) {
+    await app?.close().catch(() => {});
+    await services.devices.stop().catch(() => {});
+    await broker.close().catch(() => {});
+    await store.close().catch(() => {});
+    throw err;
+  }
+}

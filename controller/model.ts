@@ -1,0 +1,167 @@
+// The stored documents. Field names follow the REST API (and the earlier
+// system's documents); `_id` is a UUID or a key derived from natural ids.
+import type { StoredDocument, Store, Collection } from './store/index.js';
+import type { BundleManifest } from '../schemas/index.js';
+import type { Role } from '../broker/index.js';
+
+export type DeviceStatus = 'online' | 'offline' | 'error';
+
+export interface DeviceDoc extends StoredDocument {
+  device_id: string;
+  public_key: string;
+  token_hash: string | null;
+  status: DeviceStatus;
+  /** How the device last reached us: a held MQTT connection or HTTP polling. */
+  connection: 'mqtt' | 'http' | null;
+  last_heartbeat: string | null;
+  current_bundle_version: string | null;
+  config_version: number | null;
+  uptime: number | null;
+  metrics: Record<string, unknown> | null;
+  hardware_id: string | null;
+  metadata: Record<string, unknown> | null;
+  revoked_at: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface BundleDoc extends StoredDocument {
+  name: string | null;
+  version: string;
+  sha256: string;
+  size: number;
+  filename: string;
+  manifest: BundleManifest;
+  model_name: string | null;
+  created_at: string;
+}
+
+export type DeploymentKind = 'deploy' | 'rollback';
+export type DeploymentStatus = 'pending' | 'in_progress' | 'success' | 'failed';
+export type DeviceDeploymentStatus = 'pending' | 'in_progress' | 'success' | 'failed' | 'timed_out';
+export const FINAL_DEVICE_STATUSES: DeviceDeploymentStatus[] = ['success', 'failed', 'timed_out'];
+
+export interface DeploymentDoc extends StoredDocument {
+  kind: DeploymentKind;
+  bundle_id: string;
+  bundle_version: string;
+  target_device_ids: string[];
+  status: DeploymentStatus;
+  total: number;
+  finished: number;
+  succeeded: number;
+  failed: number;
+  timeout_seconds: number | null;
+  created_at: string;
+  updated_at: string;
+  finished_at: string | null;
+}
+
+/** Per-device state of one deployment; `_id` is `${deployment_id}:${device_id}`. */
+export interface DeviceDeploymentDoc extends StoredDocument {
+  deployment_id: string;
+  device_id: string;
+  kind: DeploymentKind;
+  bundle_id: string;
+  bundle_version: string;
+  status: DeviceDeploymentStatus;
+  phase: string | null;
+  exit_code: number | null;
+  output_tail: string | null;
+  error_message: string | null;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  duration_seconds: number | null;
+  updated_at: string;
+}
+
+export type HistoryStatus = 'success' | 'failed' | 'rolled_back';
+
+/** One line of a device's bundle history; `_id` is `${deployment_id}:${device_id}`, so it is written once. */
+export interface HistoryDoc extends StoredDocument {
+  device_id: string;
+  bundle_version: string;
+  bundle_id: string;
+  deployment_id: string;
+  kind: DeploymentKind;
+  status: HistoryStatus;
+  error_message: string | null;
+  deployed_at: string;
+  duration_seconds: number | null;
+}
+
+export interface DeviceConfigDoc extends StoredDocument {
+  device_id: string;
+  polling_interval: number;
+  heartbeat_timeout: number;
+  deploy_timeout: number;
+  log_level: 'DEBUG' | 'INFO' | 'WARNING' | 'ERROR';
+  metadata_json: Record<string, unknown> | null;
+  version: number;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface TokenDoc extends StoredDocument {
+  token_hash: string;
+  role: Role | 'enrollment';
+  name: string;
+  created_at: string;
+  expires_at: string | null;
+  revoked_at: string | null;
+}
+
+export interface AuditDoc extends StoredDocument {
+  at: string;
+  actor: string;
+  action: string;
+  target: string | null;
+  details: Record<string, unknown> | null;
+}
+
+export interface Repositories {
+  devices: Collection<DeviceDoc>;
+  bundles: Collection<BundleDoc>;
+  deployments: Collection<DeploymentDoc>;
+  deviceDeployments: Collection<DeviceDeploymentDoc>;
+  bundleHistory: Collection<HistoryDoc>;
+  deviceConfigs: Collection<DeviceConfigDoc>;
+  tokens: Collection<TokenDoc>;
+  audit: Collection<AuditDoc>;
+}
+
+/** Opens the collections and creates the indexes their queries need. */
+export async function openRepositories(store: Store): Promise<Repositories> {
+  const repos: Repositories = {
+    devices: store.collection<DeviceDoc>('devices'),
+    bundles: store.collection<BundleDoc>('bundles'),
+    deployments: store.collection<DeploymentDoc>('deployments'),
+    deviceDeployments: store.collection<DeviceDeploymentDoc>('deployment_devices'),
+    bundleHistory: store.collection<HistoryDoc>('device_bundle_history'),
+    deviceConfigs: store.collection<DeviceConfigDoc>('device_configs'),
+    tokens: store.collection<TokenDoc>('tokens'),
+    audit: store.collection<AuditDoc>('audit_log'),
+  };
+  await Promise.all([
+    repos.devices.ensureIndex({ fields: { device_id: 1 }, unique: true }),
+    repos.devices.ensureIndex({ fields: { token_hash: 1 } }),
+    repos.bundles.ensureIndex({ fields: { version: 1 }, unique: true }),
+    repos.deployments.ensureIndex({ fields: { created_at: -1 } }),
+    repos.deviceDeployments.ensureIndex({ fields: { deployment_id: 1, device_id: 1 } }),
+    repos.deviceDeployments.ensureIndex({ fields: { device_id: 1, status: 1 } }),
+    repos.bundleHistory.ensureIndex({ fields: { device_id: 1, deployed_at: -1 } }),
+    repos.deviceConfigs.ensureIndex({ fields: { device_id: 1 }, unique: true }),
+    repos.tokens.ensureIndex({ fields: { token_hash: 1 }, unique: true }),
+  ]);
+  return repos;
+}
+
+export const now = (): string => new Date().toISOString();
+
+/** A stored document as the API shows it: `_id` becomes `id`, secrets dropped. */
+export function present<T extends StoredDocument>(doc: T, omit: string[] = []): Record<string, unknown> {
+  const { _id, ...rest } = doc as T & Record<string, unknown>;
+  for (const key of omit) delete rest[key];
+  return { id: _id, ...rest };
+}

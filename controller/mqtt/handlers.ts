@@ -1,0 +1,83 @@
+// Where device messages arriving over MQTT are handled: authentication,
+// heartbeats, results and presence, wired into the broker's hooks.
+import type { Logger } from 'pino';
+import { topics, type BrokerHooks, type Principal } from '../../broker/index.js';
+import { parseJson, validate, SchemaError } from '../../schemas/index.js';
+import type { DeviceService } from '../services/devices.js';
+import type { DeploymentService } from '../services/deployments.js';
+import type { TokenService } from '../services/tokens.js';
+
+export interface MessageCounters {
+  dropped: number;
+}
+
+export function createBrokerHooks(deps: {
+  devices: DeviceService;
+  deployments: DeploymentService;
+  tokens: TokenService;
+  logger: Logger;
+  counters: MessageCounters;
+}): BrokerHooks {
+  const { devices, deployments, tokens, logger, counters } = deps;
+
+  const drop = (deviceId: string, channel: string, err: SchemaError) => {
+    counters.dropped++;
+    // Logged sparingly: a device flooding bad messages must not flood the log.
+    if (counters.dropped <= 10 || counters.dropped % 1000 === 0) {
+      logger.warn({ deviceId, channel, dropped: counters.dropped, reason: err.message }, 'invalid message dropped');
+    }
+    return 'drop' as const;
+  };
+
+  return {
+    async authenticate(clientId, username, password): Promise<Principal | null> {
+      if (!password || password.length === 0 || password.length > 512) return null;
+      const secret = password.toString('utf8');
+      if (username && (await devices.authenticate(username, secret))) {
+        // The client id is bound to the credential, so no one can take over a device's session.
+        return clientId === username ? { kind: 'device', deviceId: username } : null;
+      }
+      const user = await tokens.role(secret);
+      if (!user) return null;
+      if (await devices.exists(clientId)) return null;
+      return { kind: 'user', role: user.role, tokenId: user.doc._id, name: user.doc.name };
+    },
+
+    async deviceMessage(deviceId, channel, payload) {
+      if (channel === 'heartbeat') {
+        try {
+          devices.heartbeat(deviceId, parseJson(validate.heartbeat, payload, 'heartbeat'), 'mqtt');
+        } catch (err) {
+          if (err instanceof SchemaError) return drop(deviceId, channel, err);
+          throw err;
+        }
+        return 'accept';
+      }
+      let result;
+      try {
+        result = parseJson(validate.result, payload, 'result');
+      } catch (err) {
+        if (err instanceof SchemaError) return drop(deviceId, channel, err);
+        throw err;
+      }
+      // Awaited before the PUBACK: a result that could not be recorded is not acknowledged.
+      await deployments.recordResult(deviceId, result);
+      return 'accept';
+    },
+
+    clientReady(principal) {
+      if (principal.kind === 'device') devices.connected(principal.deviceId);
+    },
+
+    clientGone(principal) {
+      if (principal.kind === 'device') devices.disconnected(principal.deviceId);
+    },
+
+    subscribed(principal, topic) {
+      if (principal.kind !== 'device' || topic !== topics.commands(principal.deviceId)) return;
+      deployments.resendPending(principal.deviceId).catch((err: Error) =>
+        logger.warn({ deviceId: principal.deviceId, err: err.message }, 'could not re-send pending commands'),
+      );
+    },
+  };
+}

@@ -1,0 +1,43 @@
+// /api/v1/devices: registration, listing, and the HTTP heartbeat fallback.
+import type { FastifyInstance } from 'fastify';
+import { validate } from '../../schemas/index.js';
+import type { Guard, HttpOptions } from '../http.js';
+import { forbidden } from '../errors.js';
+import { deviceIdParam, enumQuery, intQuery } from './params.js';
+
+export async function deviceRoutes(api: FastifyInstance, opts: HttpOptions & { guard: Guard }): Promise<void> {
+  const { devices, deployments } = opts.services;
+  const { guard } = opts;
+
+  api.post('/devices/register', async (req, reply) => {
+    const body = validate.registerRequest.parse(req.body);
+    const { created, device, token } = await devices.register(body);
+    const mqttUrl = opts.publicMqttUrl ?? `mqtt://${req.hostname.replace(/:\d+$/, '')}:${opts.mqttPort}`;
+    return reply.code(created ? 201 : 200).send({
+      device_id: device.device_id, token, mqtt_url: mqttUrl, status: 'registered', created,
+    });
+  });
+
+  api.get('/devices', { preHandler: guard('viewer') }, async (req) => {
+    const status = enumQuery(req.query, 'status', ['online', 'offline', 'error'] as const);
+    const limit = intQuery(req.query, 'limit', 10_000, 1, 100_000);
+    const skip = intQuery(req.query, 'skip', 0, 0, 10_000_000);
+    return devices.list({ status, limit, skip });
+  });
+
+  api.get('/devices/:device_id', { preHandler: guard('viewer', 'device') }, async (req) => {
+    const deviceId = deviceIdParam(req.params);
+    if (req.principal?.kind === 'device' && req.principal.deviceId !== deviceId) throw forbidden('a device may only read itself');
+    return devices.get(deviceId);
+  });
+
+  // The earlier system's polling path, kept for devices that cannot hold an MQTT connection.
+  api.post('/devices/:device_id/heartbeat', { preHandler: guard('device') }, async (req) => {
+    const deviceId = deviceIdParam(req.params);
+    if (req.principal?.kind !== 'device' || req.principal.deviceId !== deviceId) {
+      throw forbidden('a device may only send its own heartbeat');
+    }
+    devices.heartbeat(deviceId, validate.heartbeat.parse(req.body ?? {}), 'http');
+    return { commands: await deployments.pendingCommands(deviceId) };
+  });
+}

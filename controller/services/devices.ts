@@ -1,0 +1,253 @@
+// Devices: registration, credentials, presence and heartbeats. Heartbeats are
+// the hot path: the latest one per device lives in memory and is written to
+// the store in batches, never one synchronous write per heartbeat.
+import { randomUUID, timingSafeEqual } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { Heartbeat, RegisterRequest } from '../../schemas/index.js';
+import type { DeviceDoc, DeviceStatus, Repositories } from '../model.js';
+import { now, present } from '../model.js';
+import type { FleetPublisher } from '../mqtt/publisher.js';
+import type { TokenService } from './tokens.js';
+import { hashToken, newToken } from './tokens.js';
+import { ApiError, conflict, forbidden, notFound } from '../errors.js';
+import { DuplicateKeyError } from '../store/index.js';
+
+interface LiveState {
+  status: DeviceStatus;
+  connection: 'mqtt' | 'http';
+  last_heartbeat: string | null;
+  bundle_version?: string | null;
+  config_version?: number | null;
+  uptime?: number;
+  metrics?: Record<string, unknown>;
+}
+
+export interface DeviceServiceOptions {
+  flushMs: number;
+  /** Seconds without a heartbeat after which an HTTP-polling device is offline. */
+  httpOfflineAfterSeconds?: number;
+}
+
+const equalHashes = (a: string, b: string) => a.length === b.length && timingSafeEqual(Buffer.from(a), Buffer.from(b));
+
+export class DeviceService {
+  /** Heartbeats and presence not yet written to the store. */
+  private pending = new Map<string, LiveState>();
+  /** The newest known live state per device (also what is already flushed). */
+  private live = new Map<string, LiveState>();
+  private tokenHashes = new Map<string, string | null>();
+  private timers: NodeJS.Timeout[] = [];
+  private flushing: Promise<void> = Promise.resolve();
+  /** Heartbeats accepted since start, and writes that carried them (batches). */
+  readonly counters = { heartbeats: 0, flushes: 0, flushedDevices: 0 };
+
+  constructor(
+    private repos: Repositories,
+    private tokens: TokenService,
+    private publisher: FleetPublisher,
+    private logger: Logger,
+    private options: DeviceServiceOptions,
+  ) {}
+
+  async start(resetMqttPresence: boolean): Promise<void> {
+    if (resetMqttPresence) {
+      // One process owns every MQTT connection: none survive a restart.
+      await this.repos.devices.updateMany(
+        { connection: 'mqtt', status: { $ne: 'offline' } },
+        { $set: { status: 'offline', updated_at: now() } },
+      );
+    }
+    this.timers.push(setInterval(() => void this.flush(), this.options.flushMs).unref());
+    this.timers.push(setInterval(() => void this.sweep(), 5_000).unref());
+  }
+
+  async stop(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    await this.flush();
+  }
+
+  async register(req: RegisterRequest): Promise<{ created: boolean; device: DeviceDoc; token: string }> {
+    const enrollment = req.enrollment_token ? await this.tokens.lookup(req.enrollment_token, ['enrollment']) : null;
+    if (!enrollment) {
+      throw new ApiError(401, 'enrollment_refused',
+        'a valid enrollment_token is required to register; ask an operator for one (kernexctl tokens create --role enrollment)');
+    }
+    const token = newToken('kxd');
+    const existing = await this.repos.devices.findOne({ device_id: req.device_id });
+    if (existing) {
+      if (existing.revoked_at) throw forbidden(`device ${req.device_id} has been revoked`);
+      if (existing.public_key !== req.public_key) {
+        throw conflict(`device ${req.device_id} is already registered with a different public key`);
+      }
+      await this.repos.devices.updateOne({ _id: existing._id }, { $set: { token_hash: hashToken(token), updated_at: now() } });
+      this.tokenHashes.delete(req.device_id);
+      return { created: false, device: { ...existing, token_hash: hashToken(token) }, token };
+    }
+    const at = now();
+    const device: DeviceDoc = {
+      _id: randomUUID(), device_id: req.device_id, public_key: req.public_key, token_hash: hashToken(token),
+      status: 'offline', connection: null, last_heartbeat: null, current_bundle_version: null, config_version: null,
+      uptime: null, metrics: null, hardware_id: req.hardware_id ?? null, metadata: (req.metadata as Record<string, unknown>) ?? null,
+      revoked_at: null, created_at: at, updated_at: at,
+    };
+    try {
+      await this.repos.devices.insertOne(device);
+    } catch (err) {
+      // Two registrations of the same id raced: the loser is told as if it came second.
+      if (err instanceof DuplicateKeyError) throw conflict(`device ${req.device_id} is already registered`);
+      throw err;
+    }
+    this.tokenHashes.delete(req.device_id);
+    this.logger.info({ deviceId: req.device_id }, 'device registered');
+    return { created: true, device, token };
+  }
+
+  /** True when `token` is the current token of a registered, unrevoked device. */
+  async authenticate(deviceId: string, token: string): Promise<boolean> {
+    let hash = this.tokenHashes.get(deviceId);
+    if (hash === undefined) {
+      const doc = await this.repos.devices.findOne({ device_id: deviceId });
+      hash = doc && !doc.revoked_at ? doc.token_hash : null;
+      this.tokenHashes.set(deviceId, hash);
+    }
+    return hash !== null && equalHashes(hash, hashToken(token));
+  }
+
+  /** The device a bearer token belongs to, or null. */
+  async byToken(token: string): Promise<string | null> {
+    if (!token.startsWith('kxd_')) return null;
+    const hash = hashToken(token);
+    const doc = await this.repos.devices.findOne({ token_hash: hash });
+    return doc && !doc.revoked_at ? doc.device_id : null;
+  }
+
+  async exists(deviceId: string): Promise<boolean> {
+    return (await this.repos.devices.count({ device_id: deviceId })) > 0;
+  }
+
+  /** Records a heartbeat in memory; the store sees it at the next flush. */
+  heartbeat(deviceId: string, hb: Heartbeat, via: 'mqtt' | 'http'): void {
+    this.counters.heartbeats++;
+    const previous = this.live.get(deviceId);
+    const state: LiveState = {
+      status: hb.status ?? 'online',
+      connection: via,
+      last_heartbeat: now(),
+      bundle_version: hb.bundle_version,
+      config_version: hb.config_version,
+      uptime: hb.uptime,
+      metrics: hb.metrics,
+    };
+    this.live.set(deviceId, state);
+    this.pending.set(deviceId, state);
+    if (!previous || previous.status !== state.status || previous.bundle_version !== state.bundle_version) {
+      void this.publishStatus(deviceId, state);
+    }
+  }
+
+  connected(deviceId: string): void {
+    const state: LiveState = { ...(this.live.get(deviceId) ?? { last_heartbeat: null }), status: 'online', connection: 'mqtt' };
+    this.live.set(deviceId, state);
+    this.pending.set(deviceId, state);
+    void this.publishStatus(deviceId, state);
+  }
+
+  disconnected(deviceId: string): void {
+    const state: LiveState = { ...(this.live.get(deviceId) ?? { last_heartbeat: null }), status: 'offline', connection: 'mqtt' };
+    this.live.set(deviceId, state);
+    this.pending.set(deviceId, state);
+    void this.publishStatus(deviceId, state);
+  }
+
+  /** Writes every buffered heartbeat and presence change in one batch. */
+  flush(): Promise<void> {
+    this.flushing = this.flushing.then(async () => {
+      if (this.pending.size === 0) return;
+      const batch = this.pending;
+      this.pending = new Map();
+      const at = now();
+      const ops = [...batch].map(([deviceId, s]) => {
+        const set: Record<string, unknown> = { status: s.status, connection: s.connection, updated_at: at };
+        if (s.last_heartbeat) set.last_heartbeat = s.last_heartbeat;
+        if (s.uptime !== undefined) set.uptime = s.uptime;
+        if (s.metrics !== undefined) set.metrics = s.metrics;
+        if (s.config_version !== undefined) set.config_version = s.config_version;
+        return { filter: { device_id: deviceId }, update: { $set: set } };
+      });
+      try {
+        await this.repos.devices.bulkUpdate(ops);
+        this.counters.flushes++;
+        this.counters.flushedDevices += ops.length;
+      } catch (err) {
+        // Keep what failed unless a newer state arrived meanwhile; it goes with the next flush.
+        for (const [id, s] of batch) if (!this.pending.has(id)) this.pending.set(id, s);
+        this.logger.error({ err: (err as Error).message, devices: ops.length }, 'heartbeat flush failed; will retry');
+      }
+    });
+    return this.flushing;
+  }
+
+  /** HTTP-polling devices go offline when their heartbeats stop. */
+  private async sweep(): Promise<void> {
+    const cutoff = new Date(Date.now() - (this.options.httpOfflineAfterSeconds ?? 90) * 1000).toISOString();
+    for (const [deviceId, s] of this.live) {
+      if (s.connection === 'http' && s.status !== 'offline' && s.last_heartbeat && s.last_heartbeat < cutoff) {
+        const state: LiveState = { ...s, status: 'offline' };
+        this.live.set(deviceId, state);
+        this.pending.set(deviceId, state);
+        void this.publishStatus(deviceId, state);
+      }
+    }
+  }
+
+  private publishStatus(deviceId: string, s: LiveState): Promise<void> {
+    return this.publisher.status({
+      device_id: deviceId, status: s.status, last_heartbeat: s.last_heartbeat,
+      bundle_version: s.bundle_version ?? null, config_version: s.config_version ?? null, changed_at: now(),
+    });
+  }
+
+  /** A device as the API shows it, with the freshest in-memory presence. */
+  private view(doc: DeviceDoc): Record<string, unknown> {
+    const s = this.live.get(doc.device_id);
+    const merged: DeviceDoc = s
+      ? {
+          ...doc, status: s.status, connection: s.connection,
+          last_heartbeat: s.last_heartbeat ?? doc.last_heartbeat,
+          config_version: s.config_version ?? doc.config_version,
+          uptime: s.uptime ?? doc.uptime,
+        }
+      : doc;
+    return present(merged, ['token_hash']);
+  }
+
+  async list(filter: { status?: DeviceStatus; limit?: number; skip?: number } = {}): Promise<Record<string, unknown>[]> {
+    const docs = await this.repos.devices.find({}, { sort: { device_id: 1 }, limit: filter.limit, skip: filter.skip });
+    const views = docs.map((d) => this.view(d));
+    return filter.status ? views.filter((v) => v.status === filter.status) : views;
+  }
+
+  async get(deviceId: string): Promise<Record<string, unknown>> {
+    const doc = await this.repos.devices.findOne({ device_id: deviceId });
+    if (!doc) throw notFound(`device ${deviceId}`);
+    return this.view(doc);
+  }
+
+  /** Called when a deployment succeeds: the version the device now runs. */
+  async setBundleVersion(deviceId: string, version: string): Promise<void> {
+    await this.repos.devices.updateOne({ device_id: deviceId }, { $set: { current_bundle_version: version, updated_at: now() } });
+    const s = this.live.get(deviceId);
+    if (s) {
+      s.bundle_version = version;
+      void this.publishStatus(deviceId, s);
+    }
+  }
+
+  /** Device ids that do not exist, among `ids` (one query). */
+  async missing(ids: string[]): Promise<string[]> {
+    const found = await this.repos.devices.find({ device_id: { $in: ids } });
+    const known = new Set(found.map((d) => d.device_id));
+    return ids.filter((id) => !known.has(id));
+  }
+}

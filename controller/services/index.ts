@@ -1,0 +1,46 @@
+// The controller's services, built once and shared by routes and MQTT handlers.
+import type { Logger } from 'pino';
+import type { Principal } from '../../broker/index.js';
+import type { Repositories } from '../model.js';
+import type { BlobStore } from '../blobs/index.js';
+import type { FleetPublisher } from '../mqtt/publisher.js';
+import { TokenService } from './tokens.js';
+import { DeviceService } from './devices.js';
+import { BundleService } from './bundles.js';
+import { DeploymentService } from './deployments.js';
+
+export { TokenService, DeviceService, BundleService, DeploymentService };
+
+export interface Services {
+  repos: Repositories;
+  tokens: TokenService;
+  devices: DeviceService;
+  bundles: BundleService;
+  deployments: DeploymentService;
+  /** A bearer token as an HTTP principal: a device token or an API token. */
+  authenticateBearer(token: string): Promise<Principal | null>;
+}
+
+export function createServices(deps: {
+  repos: Repositories;
+  blobs: BlobStore;
+  publisher: FleetPublisher;
+  logger: Logger;
+  heartbeatFlushMs: number;
+  maxBundleBytes: number;
+}): Services {
+  const { repos, blobs, publisher, logger } = deps;
+  const tokens = new TokenService(repos, logger);
+  const devices = new DeviceService(repos, tokens, publisher, logger, { flushMs: deps.heartbeatFlushMs });
+  const bundles = new BundleService(repos, blobs, logger, deps.maxBundleBytes);
+  const deployments = new DeploymentService(repos, bundles, devices, publisher, logger);
+  return {
+    repos, tokens, devices, bundles, deployments,
+    async authenticateBearer(token) {
+      const deviceId = await devices.byToken(token);
+      if (deviceId) return { kind: 'device', deviceId };
+      const user = await tokens.role(token);
+      return user ? { kind: 'user', role: user.role, tokenId: user.doc._id, name: user.doc.name } : null;
+    },
+  };
+}
