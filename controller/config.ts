@@ -1,16 +1,10 @@
 // The controller's configuration: KERNEX_* environment variables, overridden
 // by flags, validated once at start-up with a message that says what to fix.
 import { resolve } from 'node:path';
+import type { S3Config } from './blobs/index.js';
 
-export interface S3Settings {
-  endPoint: string;
-  port?: number;
-  useSSL?: boolean;
-  accessKey: string;
-  secretKey: string;
-  bucket: string;
-  region?: string;
-}
+/** The S3 settings are the blob backend's own type. */
+export type S3Settings = S3Config;
 
 export interface ControllerConfig {
   dataDir: string;
