@@ -81,7 +81,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
   };
 
   await app.register(async (api) => {
-    await healthRoutes(api);
+    await healthRoutes(api, opts);
     await deviceRoutes(api, { ...opts, guard });
     await bundleRoutes(api, { ...opts, guard });
     await deploymentRoutes(api, { ...opts, guard });
