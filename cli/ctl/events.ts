@@ -50,11 +50,12 @@ export interface OpenOptions {
 }
 
 export async function openEventStream(ctx: Context, opts: OpenOptions): Promise<EventStream> {
-  const [{ default: mqtt }, { validate, parseJson }] = await Promise.all([
+  // Loading the client and the validators overlaps the question of where the broker is.
+  const [{ default: mqtt }, { validate, parseJson }, url] = await Promise.all([
     import('mqtt'),
     import('../../schemas/index.js'),
+    ctx.mqttUrl(),
   ]);
-  const url = await ctx.mqttUrl();
   const token = ctx.creds.token;
   if (!token) {
     throw new CtlError('no API token for the MQTT event stream: pass --token or set KERNEX_TOKEN', EXIT.auth);
