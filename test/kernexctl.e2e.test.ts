@@ -322,8 +322,10 @@ describe('the operator workflow', () => {
     const watch = spawnKernexctl(['watch', '--only', 'deployments,results'], { env: local() });
     running.push(watch);
     await waitFor(() => watch.stderr().includes('Watching the fleet'), 'watch to start');
-    expect((await ctl('deploy', '1.0.0', '-d', 'dev-b', '--wait', '-q')).code).toBe(0);
-    await waitFor(() => /finished success: 1\/1 succeeded/.test(watch.stdout()), 'the finished event in watch');
+    expect((await ctl('deploy', '1.0.0', '--all', '--wait', '-q')).code).toBe(0);
+    await waitFor(() => /finished success: 2\/2 succeeded/.test(watch.stdout()), 'the finished event in watch');
+    expect(watch.stdout()).toMatch(/created: 1\.0\.0 to 2 device\(s\)/);
+    expect(watch.stdout()).toMatch(/dev-a\s+result\s+\S+ success exit=0/);
     expect(watch.stdout()).toMatch(/dev-b\s+result\s+\S+ success exit=0/);
     expect(watch.stdout()).not.toMatch(/heartbeat/);
     expect(await watch.stop('SIGTERM')).toBe(0);
@@ -431,6 +433,34 @@ describe('errors: one line saying what to do, and an exit code', () => {
     expect(res.code).toBe(5);
     expect(res.stderr).toMatch(/^kernexctl: deployment ([0-9a-f-]{36}) is still running after 1 s \(0 of 1 devices finished\); follow it with: kernexctl deployments wait \1\n$/);
     expect(res.stdout).toMatch(/deploying 1\.0\.0 on 1 device\(s\)/);
+
+    // Ctrl-C while waiting: the deployment goes on, and the way back to it is printed.
+    const waiting = spawnKernexctl(['deploy', '1.0.0', '-d', 'dev-late', '--wait'], { env: local() });
+    running.push(waiting);
+    await waitFor(() => waiting.stdout().includes('deploying 1.0.0'), 'the wait to start');
+    expect(await waiting.stop('SIGINT')).toBe(130);
+    expect(waiting.stderr()).toMatch(/^kernexctl: stopped waiting; deployment (\S+) goes on\. Follow it again with: kernexctl deployments wait \1\n$/);
+  });
+
+  test('MQTT broker unreachable: watch exits 3; --wait falls back to polling the REST API', async () => {
+    const mqtt = `mqtt://127.0.0.1:${await closedPort()}`;
+    const watch = await ctl('watch', '--mqtt-url', mqtt);
+    expect(watch.code).toBe(3);
+    expect(watch.stderr).toMatch(new RegExp(`^kernexctl: cannot reach the MQTT broker at ${mqtt} \\(ECONNREFUSED\\): set --mqtt-url or KERNEX_MQTT_URL\n$`));
+
+    const res = await ctl('deploy', '1.0.0', '-d', 'dev-a', '--wait', '--mqtt-url', mqtt);
+    expect(res.code).toBe(0);
+    expect(res.stderr).toMatch(/live events unavailable .*; following by polling the REST API every 1 s/);
+    expect(res.stdout).toMatch(/dev-a  success/);
+    expect(res.stdout).toContain('✔ deployment of 1.0.0 succeeded on 1/1 device(s)');
+  });
+
+  test('a token the broker refuses: watch exits 4', async () => {
+    const res = await kernexctl(['watch'], {
+      env: { KERNEX_SERVER: tc.controller.httpUrl, KERNEX_TOKEN: 'kxt_nope', KERNEX_MQTT_URL: tc.controller.mqttUrl },
+    });
+    expect(res.code).toBe(4);
+    expect(res.stderr).toBe(`kernexctl: the MQTT broker at ${tc.controller.mqttUrl} refused the token from KERNEX_TOKEN; pass a valid one with --token\n`);
   });
 });
 
