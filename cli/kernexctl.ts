@@ -6,6 +6,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import pkg from '../package.json' with { type: 'json' };
 import { bundlesCommand } from './ctl/bundles.js';
+import { complete } from './ctl/completion.js';
 import { configCommand } from './ctl/config.js';
 import { deployCommand, deploymentsCommand, rollbackCommand } from './ctl/deploy.js';
 import { devicesCommand } from './ctl/devices.js';
@@ -68,7 +69,7 @@ const cli = yargs(hideBin(process.argv))
   .command(deploymentsCommand)
   .command(configCommand)
   .command(watchCommand)
-  .completion('completion', 'print a shell completion script (bash, zsh): kernexctl completion >> ~/.bashrc')
+  .completion('completion', 'print a shell completion script (bash, zsh): kernexctl completion >> ~/.bashrc', complete)
   .demandCommand(1, 'name a command')
   .recommendCommands()
   .strict()
@@ -85,6 +86,7 @@ const cli = yargs(hideBin(process.argv))
   });
 
 await cli.parseAsync();
-// Keep-alive sockets and timers must not hold the exit back.
-process.exit(process.exitCode ?? EXIT.ok);
+// Keep-alive sockets and timers must not hold the exit back. Completion
+// answers on its own schedule (it may ask the controller), and then ends.
+if (!process.argv.includes('--get-yargs-completions')) process.exit(process.exitCode ?? EXIT.ok);
 

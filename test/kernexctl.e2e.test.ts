@@ -106,6 +106,9 @@ describe('discoverable', () => {
     expect(script.stdout).toContain('kernexctl');
     const words = await ctl('--get-yargs-completions', 'bundles', '');
     expect(words.stdout.split('\n')).toEqual(expect.arrayContaining(['pack', 'upload', 'list', 'get']));
+    // Device ids come from the controller.
+    expect((await ctl('--get-yargs-completions', 'devices', 'get', 'dev-')).stdout).toBe('dev-a\ndev-b\n');
+    expect((await ctl('--get-yargs-completions', 'deploy', '1.0.0', '--devices', 'dev-b')).stdout).toBe('dev-b\n');
   });
 });
 

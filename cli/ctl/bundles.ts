@@ -74,13 +74,14 @@ async function checkScripts(root: string, manifest: BundleManifest): Promise<voi
 }
 
 /** Every path to pack, relative to root; refuses what the agent would refuse to extract. */
-async function collect(root: string, exclude: string | null): Promise<string[]> {
+async function collect(root: string, exclude: string, earlierArchive: RegExp): Promise<string[]> {
   const paths: string[] = [];
   const walk = async (dir: string) => {
     for (const entry of await readdir(dir, { withFileTypes: true })) {
       if (SKIP.has(entry.name)) continue;
       const abs = join(dir, entry.name);
-      if (abs === exclude) continue;
+      // Neither the archive being written nor one packed earlier by `pack` in the same place.
+      if (abs === exclude || (dir === root && earlierArchive.test(entry.name))) continue;
       const rel = relative(root, abs);
       if (entry.isSymbolicLink()) {
         const target = resolve(dirname(abs), await readlink(abs));
@@ -118,9 +119,10 @@ export async function packBundle(dir: string, output?: string): Promise<PackResu
   }
   const manifest = await readManifest(root);
   await checkScripts(root, manifest);
-  const name = manifest.name ?? basename(root);
-  const file = resolve(output ?? `${name.replace(/[^\w.-]+/g, '_')}-${manifest.version}.tar.gz`);
-  const paths = await collect(root, file);
+  const name = (manifest.name ?? basename(root)).replace(/[^\w.-]+/g, '_');
+  const file = resolve(output ?? `${name}-${manifest.version}.tar.gz`);
+  const escaped = name.replace(/[.]/g, '\\.');
+  const paths = await collect(root, file, new RegExp(`^${escaped}-.+\\.tar\\.gz(\\.\\d+\\.tmp)?$`));
   // Directories are listed for their modes; tar must not add their contents twice.
   const tar = await import('tar');
   const tmp = `${file}.${process.pid}.tmp`;
@@ -145,7 +147,8 @@ const pack: CommandModule<GlobalArgs, GlobalArgs & { dir: string; output?: strin
     .positional('dir', { type: 'string', demandOption: true, describe: 'directory with manifest.json and the scripts' })
     .option('output', { alias: 'o', type: 'string', describe: 'archive to write [default: <name>-<version>.tar.gz here]' })
     .example('$0 bundles pack ./my-app', 'writes my-app-1.2.0.tar.gz')
-    .example('$0 bundles pack ./my-app -o /tmp/app.tgz', 'choose the file name'),
+    .example('$0 bundles pack ./my-app -o /tmp/app.tgz', 'choose the file name')
+    .epilogue('Skipped: .git, .hg, .svn, .DS_Store, and <name>-*.tar.gz archives an earlier pack left in the directory.'),
   handler: run(async (ctx, argv) => {
     const result = await packBundle(argv.dir, argv.output);
     ctx.out.json(result);

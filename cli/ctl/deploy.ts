@@ -13,6 +13,7 @@ interface TargetArgs extends GlobalArgs {
   all?: boolean;
   wait: boolean;
   timeout: number;
+  executionTimeout?: number;
 }
 
 const DEFAULT_TIMEOUT = 600;
@@ -29,7 +30,19 @@ function targetOptions<T>(y: Argv<T>) {
       type: 'number', default: DEFAULT_TIMEOUT,
       describe: 'with --wait: seconds to wait before giving up (exit 5; the deployment goes on); 0 = no limit',
     })
+    .option('execution-timeout', {
+      type: 'number',
+      describe: 'seconds after which the controller marks a device that has not finished as timed_out',
+    })
     .conflicts('devices', 'all');
+}
+
+/** The optional server-side timeout, as the request body field. */
+function executionTimeout(argv: TargetArgs): { timeout_seconds?: number } {
+  if (argv.executionTimeout === undefined) return {};
+  const n = positiveInt(argv.executionTimeout, '--execution-timeout');
+  if (n < 1) throw usageError('--execution-timeout must be at least 1 second');
+  return { timeout_seconds: n };
 }
 
 async function targets(ctx: Context, argv: TargetArgs): Promise<string[]> {
@@ -63,7 +76,10 @@ const deploy: CommandModule<GlobalArgs, TargetArgs & { bundle: string }> = {
   handler: run(async (ctx, argv) => {
     const ids = await targets(ctx, argv);
     const ref = argv.bundle;
-    const body = looksLikeBundleId(ref) ? { bundle_id: ref, target_device_ids: ids } : { bundle_version: ref, target_device_ids: ids };
+    const body = {
+      ...(looksLikeBundleId(ref) ? { bundle_id: ref } : { bundle_version: ref }),
+      target_device_ids: ids, ...executionTimeout(argv),
+    };
     return startAndFollow(ctx, () => ctx.api.post<Deployment>('/deployments', body).catch(withHints), {
       wait: argv.wait, timeoutSeconds: positiveInt(argv.timeout, '--timeout'),
     });
@@ -80,7 +96,9 @@ const rollback: CommandModule<GlobalArgs, TargetArgs & { 'bundle-version': strin
     const ids = await targets(ctx, argv);
     return startAndFollow(ctx, async () => {
       const created = await ctx.api
-        .post<Deployment>('/devices/rollback', { bundle_version: argv['bundle-version'], target_device_ids: ids })
+        .post<Deployment>('/devices/rollback', {
+          bundle_version: argv['bundle-version'], target_device_ids: ids, ...executionTimeout(argv),
+        })
         .catch(withHints);
       return { kind: 'rollback', ...created };
     }, { wait: argv.wait, timeoutSeconds: positiveInt(argv.timeout, '--timeout') });

@@ -85,8 +85,8 @@ export async function startAndFollow(
   const advance = (next: DeviceDeployment, at?: string) => {
     const prev = states.get(next.device_id);
     if (prev && rank(next.status) <= rank(prev.status)) {
-      // Same rank: keep the richer record (the REST view has exit codes and output).
-      if (prev && rank(next.status) === rank(prev.status) && FINAL_STATUSES.has(next.status)) {
+      // Both final: keep the first status, take the richer details (the REST view has exit codes).
+      if (FINAL_STATUSES.has(next.status) && FINAL_STATUSES.has(prev.status)) {
         states.set(next.device_id, { ...prev, ...next, status: prev.status });
       }
       return;
