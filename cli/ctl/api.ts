@@ -41,6 +41,13 @@ const NETWORK_CODES = new Set([
   'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_SOCKET',
 ]);
 
+function isNetworkError(err: unknown): boolean {
+  for (let e = err as { code?: string; cause?: unknown } | undefined, i = 0; e && i < 5; e = e.cause as typeof e, i++) {
+    if (e.code && NETWORK_CODES.has(e.code)) return true;
+  }
+  return false;
+}
+
 /** The most telling part of a network failure: a known errno code, else the innermost message. */
 function networkReason(err: unknown): string {
   let innermost = (err as Error)?.message ?? String(err);
@@ -177,6 +184,9 @@ export class ApiClient {
     const started = performance.now();
     const { status, text } = await new Promise<{ status: number; text: string }>((resolve, reject) => {
       const req = (url.protocol === 'https:' ? https : http).request(url, { method: 'POST', headers });
+      // Idle, not total: a large upload that keeps moving is never cut off.
+      req.setTimeout(REQUEST_TIMEOUT_MS, () =>
+        req.destroy(Object.assign(new Error(`no progress for ${REQUEST_TIMEOUT_MS / 1000} s`), { code: 'ETIMEDOUT' })));
       let answered = false;
       req.on('response', (res) => {
         answered = true;
@@ -202,7 +212,8 @@ export class ApiClient {
         if (!answered) reject(err);
       });
     }).catch((err: unknown) => {
-      throw this.unreachable(err);
+      if (isNetworkError(err)) throw this.unreachable(err);
+      throw new CtlError(`upload of ${file} failed: ${(err as Error).message}`, EXIT.failed, { cause: err });
     });
     this.options.trace?.(`POST ${url.pathname} (${size} bytes) → ${status} (${Math.round(performance.now() - started)} ms)`);
     let body: unknown = text;

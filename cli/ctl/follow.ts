@@ -61,6 +61,7 @@ export async function startAndFollow(
   const states = new Map<string, DeviceDeployment>(targets.map((d) => [d, { device_id: d, status: 'pending' }]));
   const started = Date.now();
   const live = out.liveLine();
+  const width = Math.max(0, ...targets.map((d) => d.length));
 
   const counts = () => {
     let done = 0, ok = 0, bad = 0, running = 0;
@@ -95,7 +96,7 @@ export async function startAndFollow(
     const detail = next.status === 'success'
       ? next.duration_seconds != null ? ` in ${formatDuration(next.duration_seconds)}` : ''
       : FINAL_STATUSES.has(next.status) && next.error_message ? `: ${next.error_message}` : '';
-    out.line(`${formatTime(at ?? new Date())}  ${next.device_id}  ${out.style(next.status, out.statusStyle(next.status))}${detail}`);
+    out.line(`${formatTime(at ?? new Date())}  ${next.device_id.padEnd(width)}  ${out.style(next.status, out.statusStyle(next.status))}${detail}`);
     showCounts(true);
   };
 
