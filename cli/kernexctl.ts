@@ -10,6 +10,7 @@ import { complete } from './ctl/completion.js';
 import { configCommand } from './ctl/config.js';
 import { deployCommand, deploymentsCommand, rollbackCommand } from './ctl/deploy.js';
 import { devicesCommand } from './ctl/devices.js';
+import { reportError } from './ctl/command.js';
 import { EXIT } from './ctl/errors.js';
 import { statusCommand } from './ctl/status.js';
 import { watchCommand } from './ctl/watch.js';
@@ -31,6 +32,17 @@ Exit codes:
   4  token missing, refused (401) or not allowed (403)
   5  --wait gave up after --timeout; the deployment goes on
   130 interrupted`;
+
+// A reader that went away (`kernexctl watch | head`) ends kernexctl quietly,
+// and anything unforeseen is still one line, not a stack (unless --verbose).
+const verbose = process.argv.includes('--verbose') || process.argv.includes('-v');
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(EXIT.ok);
+  process.exit(reportError(err, verbose));
+});
+const crash = (err: unknown) => process.exit(reportError(err, verbose));
+process.on('uncaughtException', crash);
+process.on('unhandledRejection', crash);
 
 const GROUPS: Record<string, string[]> = {
   status: [], deploy: [], rollback: [], watch: [], completion: [],

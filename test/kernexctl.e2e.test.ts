@@ -333,6 +333,15 @@ describe('the operator workflow', () => {
     expect(watch.stdout()).not.toMatch(/heartbeat/);
     expect(await watch.stop('SIGTERM')).toBe(0);
   });
+
+  test('watch piped into a reader that stops early (| head) ends quietly', async () => {
+    const watch = spawnKernexctl(['watch', '--only', 'heartbeat'], { env: local() });
+    running.push(watch);
+    await waitFor(() => watch.stdout().includes('heartbeat'), 'a heartbeat line');
+    watch.child.stdout!.destroy();
+    expect(await watch.exited).toBe(0);
+    expect(watch.stderr()).not.toMatch(/EPIPE|\n\s+at /);
+  });
 });
 
 describe('errors: one line saying what to do, and an exit code', () => {
