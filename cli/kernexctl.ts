@@ -65,6 +65,8 @@ const cli = yargs(hideBin(process.argv))
   .scriptName('kernexctl')
   .usage('$0 <command> [options]\n\nOperate a Kernex fleet: devices, bundles, deployments, rollbacks, configuration.')
   .version(pkg.version)
+  // Declared first so each command's own options are listed before the global ones.
+  .group(['help', 'version'], 'Options:')
   .option('server', { type: 'string', describe: 'controller URL [KERNEX_SERVER]', global: true, group: 'Connection:' })
   .option('token', { type: 'string', describe: 'API token [KERNEX_TOKEN]', global: true, group: 'Connection:' })
   .option('mqtt-url', { type: 'string', describe: 'MQTT broker URL for live events [KERNEX_MQTT_URL; default: asked from the controller]', global: true, group: 'Connection:' })

@@ -89,8 +89,9 @@ const set: CommandModule<GlobalArgs, GlobalArgs & { device: string; settings: st
     })
     .option('wait', { alias: 'w', type: 'boolean', default: false, describe: 'wait until the device reports it applied the new version' })
     .option('timeout', { type: 'number', default: 120, describe: 'with --wait: seconds to wait (exit 5 after); 0 = no limit' })
-    .example('$0 config set dev-1 polling_interval=30 log_level=DEBUG', 'faster heartbeats, more logs')
-    .example(`$0 config set dev-1 metadata_json='{"site":"lab"}' --wait`, 'and wait for the device to apply it'),
+    .example('$0 config set dev-1 log_level=DEBUG', 'more logs')
+    .example('$0 config set dev-1 polling_interval=30 -w', 'and wait until applied')
+    .example(`$0 config set dev-1 metadata_json='{"a":1}'`, 'free-form metadata'),
   handler: run(async (ctx, argv) => {
     const id = deviceId(argv.device);
     const body = await parseSettings(argv.settings);

@@ -70,9 +70,9 @@ const deploy: CommandModule<GlobalArgs, TargetArgs & { bundle: string }> = {
   command: 'deploy <bundle>',
   describe: 'deploy a bundle (by version or id) to devices',
   builder: (y) => targetOptions(y.positional('bundle', { type: 'string', demandOption: true, describe: 'bundle version or id' }))
-    .example('$0 deploy 1.2.0 --devices dev-1,dev-2 --wait', 'deploy and follow each device until done')
-    .example('$0 deploy 1.2.0 --all -w --timeout 120', 'the whole fleet, give up waiting after two minutes')
-    .example('$0 deploy 1.2.0 -d dev-1 -w --json | jq .status', 'final state as JSON for a script'),
+    .example('$0 deploy 1.2.0 -d dev-1,dev-2 --wait', 'deploy, follow each device')
+    .example('$0 deploy 1.2.0 --all -w --timeout 120', 'whole fleet; stop waiting after 2 min')
+    .example('$0 deploy 1.2.0 -d dev-1 -w --json', 'the final state as JSON'),
   handler: run(async (ctx, argv) => {
     const ids = await targets(ctx, argv);
     const ref = argv.bundle;

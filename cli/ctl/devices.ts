@@ -19,8 +19,8 @@ const list: CommandModule<GlobalArgs, GlobalArgs & { status?: string }> = {
   describe: 'list devices, with status, bundle version and last heartbeat',
   builder: (y) => y
     .option('status', { type: 'string', choices: DEVICE_STATUSES, describe: 'only devices with this status' })
-    .example('$0 devices list --status offline', 'devices that are not connected')
-    .example('$0 devices list -q | xargs -n1 $0 devices history', 'history of every device'),
+    .example('$0 devices list --status offline', 'devices not connected')
+    .example('$0 devices list -q', 'ids only, for scripts'),
   handler: run(async (ctx, argv) => {
     const devices = await ctx.api.get<Device[]>('/devices', { query: { status: argv.status } });
     ctx.out.json(devices);

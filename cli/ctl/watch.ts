@@ -38,8 +38,8 @@ export const watchCommand: CommandModule<GlobalArgs, WatchArgs> = {
     })
     .option('retained', { type: 'boolean', default: false, describe: 'first print the last known status and config of each device' })
     .example('$0 watch', 'everything, live')
-    .example('$0 watch --device dev-1 --only heartbeat,config', "one device's heartbeats and configuration")
-    .example('$0 watch --json | jq -c "select(.type==\\"result\\")"', 'results as JSON lines'),
+    .example('$0 watch -d dev-1 --only config', "one device's configuration")
+    .example('$0 watch --json --only results', 'results, one JSON per line'),
   handler: run(async (ctx, argv) => {
     const devices = splitList(argv.device).map(deviceId);
     const only = splitList(argv.only);
