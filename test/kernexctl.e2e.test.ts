@@ -80,7 +80,10 @@ afterAll(async () => {
 
 describe('discoverable', () => {
   test('--help on every level shows commands, options and examples; --version the package version', async () => {
-    const top = await ctl('--help');
+    // Independent runs, side by side.
+    const [top, deploy, sub, version] = await Promise.all([
+      ctl('--help'), ctl('deploy', '--help'), ctl('devices', 'history', '--help'), ctl('--version'),
+    ]);
     expect(top.code).toBe(0);
     for (const cmd of ['status', 'devices', 'bundles', 'deploy', 'rollback', 'deployments', 'config', 'watch', 'completion']) {
       expect(top.stdout).toContain(`kernexctl ${cmd}`);
@@ -88,27 +91,27 @@ describe('discoverable', () => {
     expect(top.stdout).toMatch(/Exit codes:/);
     expect(top.stdout).toContain('credentials.json');
 
-    const deploy = await ctl('deploy', '--help');
     expect(deploy.code).toBe(0);
     expect(deploy.stdout).toContain('--wait');
     expect(deploy.stdout).toContain('Examples:');
-    const sub = await ctl('devices', 'history', '--help');
     expect(sub.stdout).toContain('--limit');
-
-    const version = await ctl('--version');
     expect(version.stdout.trim()).toBe(pkg.version);
   });
 
   test('shell completion: a script to install, and completions for subcommands', async () => {
-    const script = await ctl('completion');
+    const [script, words, devices, flagValue] = await Promise.all([
+      ctl('completion'),
+      ctl('--get-yargs-completions', 'bundles', ''),
+      ctl('--get-yargs-completions', 'devices', 'get', 'dev-'),
+      ctl('--get-yargs-completions', 'deploy', '1.0.0', '--devices', 'dev-b'),
+    ]);
     expect(script.code).toBe(0);
     expect(script.stdout).toContain('--get-yargs-completions');
     expect(script.stdout).toContain('kernexctl');
-    const words = await ctl('--get-yargs-completions', 'bundles', '');
     expect(words.stdout.split('\n')).toEqual(expect.arrayContaining(['pack', 'upload', 'list', 'get']));
     // Device ids come from the controller.
-    expect((await ctl('--get-yargs-completions', 'devices', 'get', 'dev-')).stdout).toBe('dev-a\ndev-b\n');
-    expect((await ctl('--get-yargs-completions', 'deploy', '1.0.0', '--devices', 'dev-b')).stdout).toBe('dev-b\n');
+    expect(devices.stdout).toBe('dev-a\ndev-b\n');
+    expect(flagValue.stdout).toBe('dev-b\n');
   });
 });
 
@@ -131,7 +134,10 @@ describe('the operator workflow', () => {
   });
 
   test('devices list: a table for people, JSON for scripts, ids with --quiet', async () => {
-    const human = await ctl('devices', 'list');
+    const [human, jsonRun, quiet, offline, oneRun] = await Promise.all([
+      ctl('devices', 'list'), ctl('devices', 'list', '--json'), ctl('devices', 'list', '-q'),
+      ctl('devices', 'list', '--status', 'offline', '--json'), ctl('devices', 'get', 'dev-a', '--json'),
+    ]);
     expect(human.code).toBe(0);
     const lines = human.stdout.trim().split('\n');
     expect(lines[0]).toMatch(/^DEVICE\s+STATUS\s+BUNDLE\s+CONFIG\s+LAST HEARTBEAT\s+VIA$/);
@@ -140,15 +146,15 @@ describe('the operator workflow', () => {
     const at = lines[0]!.indexOf('STATUS');
     for (const l of lines.slice(1)) expect(l.indexOf('online')).toBe(at);
 
-    const json = JSON.parse((await ctl('devices', 'list', '--json')).stdout);
+    const json = JSON.parse(jsonRun.stdout);
     expect(json).toEqual([
       expect.objectContaining({ device_id: 'dev-a', status: 'online', connection: 'mqtt', last_heartbeat: expect.any(String) }),
       expect.objectContaining({ device_id: 'dev-b', status: 'online' }),
     ]);
-    expect((await ctl('devices', 'list', '-q')).stdout).toBe('dev-a\ndev-b\n');
-    expect(JSON.parse((await ctl('devices', 'list', '--status', 'offline', '--json')).stdout)).toEqual([]);
+    expect(quiet.stdout).toBe('dev-a\ndev-b\n');
+    expect(JSON.parse(offline.stdout)).toEqual([]);
 
-    const one = JSON.parse((await ctl('devices', 'get', 'dev-a', '--json')).stdout);
+    const one = JSON.parse(oneRun.stdout);
     expect(one).toMatchObject({ device_id: 'dev-a', status: 'online' });
     expect(one.token_hash).toBeUndefined();
   });
@@ -389,13 +395,13 @@ describe('errors: one line saying what to do, and an exit code', () => {
   });
 
   test('unknown device: exit 2, and where to look', async () => {
-    const get = await ctl('devices', 'get', 'ghost');
+    const [get, deploy, bundle] = await Promise.all([
+      ctl('devices', 'get', 'ghost'), ctl('deploy', '1.0.0', '-d', 'dev-a,ghost', '--wait'), ctl('deploy', '9.9.9', '-d', 'dev-a'),
+    ]);
     expect(get.code).toBe(2);
     expect(get.stderr).toBe('kernexctl: device ghost not found: `kernexctl devices list` shows the registered devices\n');
-    const deploy = await ctl('deploy', '1.0.0', '-d', 'dev-a,ghost', '--wait');
     expect(deploy.code).toBe(2);
     expect(deploy.stderr).toBe('kernexctl: unknown device(s): ghost; `kernexctl devices list` shows the registered devices\n');
-    const bundle = await ctl('deploy', '9.9.9', '-d', 'dev-a');
     expect(bundle.code).toBe(2);
     expect(bundle.stderr).toContain('bundle version 9.9.9 does not exist; `kernexctl bundles list`');
   });
@@ -423,16 +429,15 @@ describe('errors: one line saying what to do, and an exit code', () => {
   });
 
   test('usage errors: exit 2 with a pointer to --help', async () => {
-    const unknown = await ctl('devics');
+    const [unknown, noTargets, missingArg, badSetting] = await Promise.all([
+      ctl('devics'), ctl('deploy', '1.0.0', '--wait'), ctl('devices', 'get'), ctl('config', 'set', 'dev-a', 'polling_interval=soon'),
+    ]);
     expect(unknown.code).toBe(2);
     expect(unknown.stderr).toContain('Did you mean devices?');
-    const noTargets = await ctl('deploy', '1.0.0', '--wait');
     expect(noTargets.code).toBe(2);
     expect(noTargets.stderr).toBe('kernexctl: name the target devices with --devices a,b,c (or --all)\n');
-    const missingArg = await ctl('devices', 'get');
     expect(missingArg.code).toBe(2);
     expect(missingArg.stderr).toContain("Run 'kernexctl devices get --help' for usage.");
-    const badSetting = await ctl('config', 'set', 'dev-a', 'polling_interval=soon');
     expect(badSetting.code).toBe(2);
     expect(badSetting.stderr).toBe('kernexctl: invalid settings: polling_interval must be integer\n');
   });
