@@ -11,6 +11,7 @@ import { deviceRoutes } from './routes/devices.js';
 import { bundleRoutes } from './routes/bundles.js';
 import { deploymentRoutes } from './routes/deployments.js';
 import { healthRoutes } from './routes/health.js';
+import { rollbackRoutes } from './routes/rollback.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -85,6 +86,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     await deviceRoutes(api, { ...opts, guard });
     await bundleRoutes(api, { ...opts, guard });
     await deploymentRoutes(api, { ...opts, guard });
+    await rollbackRoutes(api, { ...opts, guard });
   }, { prefix: '/api/v1' });
   return app;
 }
