@@ -11,6 +11,7 @@ import { deviceRoutes } from './routes/devices.js';
 import { bundleRoutes } from './routes/bundles.js';
 import { deploymentRoutes } from './routes/deployments.js';
 import { healthRoutes } from './routes/health.js';
+import { deviceConfigRoutes } from './routes/device-config.js';
 import { rollbackRoutes } from './routes/rollback.js';
 
 declare module 'fastify' {
@@ -86,6 +87,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     await deviceRoutes(api, { ...opts, guard });
     await bundleRoutes(api, { ...opts, guard });
     await deploymentRoutes(api, { ...opts, guard });
+    await deviceConfigRoutes(api, { ...opts, guard });
     await rollbackRoutes(api, { ...opts, guard });
   }, { prefix: '/api/v1' });
   return app;

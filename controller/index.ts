@@ -61,6 +61,9 @@ export async function startController(config: ControllerConfig, logger: Logger):
     logger: logger.child({ component: 'mqtt' }), counters,
   });
   await services.devices.start(!config.redisUrl);
+  // A broker that keeps retained messages in memory starts empty: give it
+  // back every device's latest configuration before devices connect.
+  if (!config.redisUrl) await services.configs.republishAll();
 
   let app: FastifyInstance | undefined;
   try {

@@ -9,9 +9,10 @@ import { DeviceService } from './devices.js';
 import { BundleService } from './bundles.js';
 import { DeploymentService } from './deployments.js';
 import { HistoryService } from './history.js';
+import { ConfigService } from './configs.js';
 import { RollbackService } from './rollback.js';
 
-export { TokenService, DeviceService, BundleService, DeploymentService, HistoryService, RollbackService };
+export { TokenService, DeviceService, BundleService, DeploymentService, HistoryService, ConfigService, RollbackService };
 
 export interface Services {
   repos: Repositories;
@@ -20,6 +21,7 @@ export interface Services {
   bundles: BundleService;
   deployments: DeploymentService;
   history: HistoryService;
+  configs: ConfigService;
   rollbacks: RollbackService;
   /** A bearer token as an HTTP principal: a device token or an API token. */
   authenticateBearer(token: string): Promise<Principal | null>;
@@ -39,9 +41,10 @@ export function createServices(deps: {
   const bundles = new BundleService(repos, blobs, logger, deps.maxBundleBytes);
   const history = new HistoryService(repos, logger);
   const deployments = new DeploymentService(repos, bundles, devices, publisher, logger, history);
+  const configs = new ConfigService(repos, publisher, logger);
   const rollbacks = new RollbackService(bundles, devices, history, deployments);
   return {
-    repos, tokens, devices, bundles, deployments, history, rollbacks,
+    repos, tokens, devices, bundles, deployments, history, configs, rollbacks,
     async authenticateBearer(token) {
       const deviceId = await devices.byToken(token);
       if (deviceId) return { kind: 'device', deviceId };
