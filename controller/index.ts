@@ -70,6 +70,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     const mqttAddress = await broker.listenTcp(config.mqttPort, config.mqttHost);
     app = await createHttpApp({
       services, logger, mqttPort: mqttAddress.port, publicMqttUrl: config.publicMqttUrl, maxBundleBytes: config.maxBundleBytes,
+      docsUi: config.docsUi,
     });
     await app.listen({ port: config.httpPort, host: config.httpHost });
     const httpPort = (app.server.address() as { port: number }).port;
