@@ -11,6 +11,7 @@ import { hasProgram } from './support/programs.js';
 import { mosquittoSub } from './support/mosquitto.js';
 import { expectShape } from './support/shapes.js';
 import { validate } from '../schemas/index.js';
+import { topics } from '../broker/index.js';
 
 let tc: TestController;
 const agents: AgentProcess[] = [];
@@ -271,5 +272,17 @@ describe('a device that was offline', () => {
     const back = await agent('cfg-away', a.dataDir);
     await waitFor(async () => (await tc.api.get('/devices/cfg-away')).body.config_version === 5, 'version 5 applied', 15_000);
     expect(logged(back, 'configuration applied').map((e) => e.version)).toEqual([5]);
+  });
+
+  test('a running agent ignores a configuration not newer than the one it applied, whichever way it comes', async () => {
+    const a = agents.find((x) => x.deviceId === 'cfg-away' && x.child.exitCode === null)!;
+    const older = { config_version: 3, polling_interval: 60, heartbeat_timeout: 30, deploy_timeout: 300, log_level: 'ERROR' as const };
+    await tc.controller.broker.publish(topics.config('cfg-away'), older, { qos: 1 });
+    await tc.controller.broker.publish(topics.commands('cfg-away'), { type: 'configure', command_id: 'config-5', ...older, config_version: 5 });
+    await waitFor(() => logged(a, 'stale configuration ignored').some((e) => e.version === 5), 'the same version to be ignored');
+    await waitFor(() => logged(a, 'stale configuration ignored').some((e) => e.version === 3), 'the older version to be ignored');
+    expect(logged(a, 'configuration applied').map((e) => e.version)).toEqual([5]);
+    const state = JSON.parse(await readFile(join(a.dataDir, 'state.json'), 'utf8'));
+    expect(state).toMatchObject({ config_version: 5, polling_interval: 2, log_level: 'DEBUG' });
   });
 });
