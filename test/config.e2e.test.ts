@@ -178,8 +178,11 @@ const withMosquitto = hasProgram('mosquitto_sub');
       expect((await config('cfg-live')).version).toBe(1);
       await waitFor(() => beats(1).length >= 1, 'a heartbeat with version 1');
 
+      const sent = Date.now() / 1000;
       expect((await put('cfg-live', { polling_interval: '1' })).version).toBe(2);
       await waitFor(() => beats(2).length >= 4, 'four heartbeats with version 2', 15_000);
+      process.stderr.write(`configuration PUT to the first heartbeat reporting it (seen by mosquitto_sub): ${
+        Math.round((beats(2)[0]!.at - sent) * 1000)} ms\n`);
       expect((await put('cfg-live', { polling_interval: 3 })).version).toBe(3);
       await waitFor(() => beats(3).length >= 3, 'three heartbeats with version 3', 20_000);
 

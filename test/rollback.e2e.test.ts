@@ -97,6 +97,7 @@ test('v1, v2, rollback to v1: the agent runs v1\'s rollback script from its disk
     expect(res.body).toMatchObject({ status: 'pending', kind: 'rollback', bundle_version: '1.0.0', target_device_ids: ['rb-1'] });
     const rb = await finished(res.body.deployment_id);
     expect(rb).toMatchObject({ kind: 'rollback', status: 'success', succeeded: 1 });
+    process.stderr.write(`rollback of one device from its own disk, created to finished: ${Date.parse(rb.finished_at) - Date.parse(rb.created_at)} ms\n`);
     expect(rb.devices[0].output_tail).not.toMatch(/deploying/);
 
     // v1's rollback script ran, after the two deploy scripts.
