@@ -165,6 +165,20 @@ describe('GET and PUT /devices/{id}/config', () => {
     await waitFor(async () => (await tc.api.get('/devices/cfg-http')).body.config_applied === true, 'config_applied');
     expect((await tc.api.get('/devices/cfg-http')).body).toMatchObject({ config_version: 2, desired_config_version: 2 });
   });
+
+  test('an HTTP device polling every 120 s stays online between polls; one on the default 60 s goes offline after 90 s', async () => {
+    const slow = tc.api.withToken(await register('cfg-slowpoll'));
+    const usual = tc.api.withToken(await register('cfg-usualpoll'));
+    await put('cfg-slowpoll', { polling_interval: 120 });
+    await slow.post('/devices/cfg-slowpoll/heartbeat', { config_version: 2 });
+    await usual.post('/devices/cfg-usualpoll/heartbeat', {});
+    const { devices } = tc.controller.services;
+    await devices.sweep(Date.now() + 100_000);
+    expect((await tc.api.get('/devices/cfg-slowpoll')).body.status).toBe('online');
+    expect((await tc.api.get('/devices/cfg-usualpoll')).body.status).toBe('offline');
+    await devices.sweep(Date.now() + 361_000);
+    expect((await tc.api.get('/devices/cfg-slowpoll')).body.status).toBe('offline');
+  });
 });
 
 const withMosquitto = hasProgram('mosquitto_sub');

@@ -12,6 +12,7 @@ import { now, present } from '../model.js';
 import type { FleetPublisher } from '../mqtt/publisher.js';
 import { DuplicateKeyError } from '../store/index.js';
 import { notFound } from '../errors.js';
+import type { DeviceService } from './devices.js';
 
 export const CONFIG_DEFAULTS = {
   polling_interval: 60,
@@ -54,7 +55,13 @@ export class ConfigService {
    */
   private published = new Map<string, number>();
 
-  constructor(private repos: Repositories, private publisher: FleetPublisher, private logger: Logger) {}
+  constructor(
+    private repos: Repositories,
+    private publisher: FleetPublisher,
+    private logger: Logger,
+    /** Told each delivered polling interval, so an HTTP device polling slowly is not marked offline. */
+    private devices: Pick<DeviceService, 'setPollingInterval'>,
+  ) {}
 
   /**
    * Checks an update body. Numbers may come as numeric strings ("120"), as
@@ -164,6 +171,7 @@ export class ConfigService {
   private async deliver(doc: DeviceConfigDoc, withCommand: boolean): Promise<void> {
     if (doc.version < (this.published.get(doc.device_id) ?? 0)) return;
     this.published.set(doc.device_id, doc.version);
+    this.devices.setPollingInterval(doc.device_id, doc.polling_interval);
     try {
       await this.publisher.config(doc.device_id, ConfigService.message(doc));
       if (withCommand) await this.publisher.configure(doc.device_id, ConfigService.command(doc));

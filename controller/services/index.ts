@@ -41,7 +41,7 @@ export function createServices(deps: {
   const bundles = new BundleService(repos, blobs, logger, deps.maxBundleBytes);
   const history = new HistoryService(repos, logger);
   const deployments = new DeploymentService(repos, bundles, devices, publisher, logger, history);
-  const configs = new ConfigService(repos, publisher, logger);
+  const configs = new ConfigService(repos, publisher, logger, devices);
   const rollbacks = new RollbackService(bundles, devices, history, deployments);
   return {
     repos, tokens, devices, bundles, deployments, history, configs, rollbacks,
