@@ -20,14 +20,19 @@ export interface ExecutorDeps {
 
 export class CommandExecutor {
   private queue: Promise<void> = Promise.resolve();
+  /** Deployments queued or running: the same command arriving again (MQTT and HTTP, or a resend) waits for that one. */
+  private waiting = new Set<string>();
 
   constructor(private deps: ExecutorDeps) {}
 
   /** Commands run one at a time, in the order received. */
   enqueue(command: BundleCommand): Promise<void> {
+    const id = command.deployment_id;
+    if (this.waiting.has(id)) return this.queue;
+    this.waiting.add(id);
     this.queue = this.queue.then(() => this.handle(command)).catch((err: Error) =>
-      this.deps.logger.error({ err: err.message, deploymentId: command.deployment_id }, 'command handling failed'),
-    );
+      this.deps.logger.error({ err: err.message, deploymentId: id }, 'command handling failed'),
+    ).finally(() => this.waiting.delete(id));
     return this.queue;
   }
 

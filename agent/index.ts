@@ -2,18 +2,21 @@
 // commands and configuration the controller pushes.
 import mqtt, { type MqttClient } from 'mqtt';
 import type { Logger } from 'pino';
-import { parseJson, validate, SchemaError, type CommandResult, type ConfigureCommand, type DeviceConfigMessage } from '../schemas/index.js';
+import {
+  parseJson, validate, SchemaError, type Command, type CommandResult, type ConfigureCommand, type DeviceConfigMessage, type Heartbeat,
+} from '../schemas/index.js';
 import type { AgentConfig } from './config.js';
 import { StateFile } from './state.js';
 import { loadIdentity, registrationProof } from './identity.js';
 import { CommandExecutor } from './executor.js';
+import { HttpFallback } from './http.js';
 
 export { loadAgentConfig, AgentConfigError, AGENT_ENV, type AgentConfig } from './config.js';
 
 export interface Agent {
   readonly deviceId: string;
   readonly state: StateFile;
-  /** Resolves when the agent is connected to the broker (first time). */
+  /** Resolves at the first contact with the controller: the broker, or an HTTP heartbeat while MQTT is unreachable. */
   readonly ready: Promise<void>;
   stop(): Promise<void>;
 }
@@ -21,6 +24,17 @@ export interface Agent {
 const topic = (deviceId: string, channel: string) => `kernex/devices/${deviceId}/${channel}`;
 const LOG_LEVELS: Record<string, string> = { DEBUG: 'debug', INFO: 'info', WARNING: 'warn', ERROR: 'error' };
 const MAX_BACKOFF_MS = 30_000;
+/** How long an MQTT result may wait for its PUBACK before it counts as unsent (and is sent again later). */
+const REPORT_TIMEOUT_MS = 15_000;
+const DEFAULT_HEARTBEAT_TIMEOUT_S = 30;
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} not acknowledged within ${ms} ms`)), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
+}
 
 export class EnrollmentError extends Error {}
 
@@ -54,34 +68,76 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   if (state.state.log_level) logger.level = LOG_LEVELS[state.state.log_level] ?? logger.level;
 
   const started = Date.now();
-  let client!: MqttClient;
+  let client: MqttClient | undefined;
   let heartbeatTimer: NodeJS.Timeout | undefined;
   let stopped = false;
   let backoff = 1000;
   let reenrolled = false;
+  let httpBusy = false;
+  let onHttp = false;
+  let markReady!: () => void;
+  const ready = new Promise<void>((r) => (markReady = r));
 
   const interval = () => state.state.polling_interval ?? config.pollingInterval;
+  const httpTimeoutMs = () => (state.state.heartbeat_timeout ?? DEFAULT_HEARTBEAT_TIMEOUT_S) * 1000;
+  const mqttUp = () => client?.connected === true;
   const publish = (channel: string, payload: unknown, qos: 0 | 1) =>
-    new Promise<void>((resolve, reject) =>
-      client.publish(topic(config.deviceId, channel), JSON.stringify(payload), { qos }, (err) => (err ? reject(err) : resolve())),
-    );
+    new Promise<void>((resolve, reject) => {
+      if (!client) return reject(new Error('not connected'));
+      client.publish(topic(config.deviceId, channel), JSON.stringify(payload), { qos }, (err) => (err ? reject(err) : resolve()));
+    });
+  const http = new HttpFallback({ server: config.server, deviceId: config.deviceId, token: () => state.state.token ?? '', logger });
 
+  // One executor whichever way a command came: its queue and its record of
+  // handled commands make a command delivered twice (MQTT and HTTP) run once.
   const executor = new CommandExecutor({
     state, dataDir: config.dataDir, server: config.server, logger, keepBundles: config.keepBundles,
     deployTimeout: () => state.state.deploy_timeout ?? config.deployTimeout,
-    report: (result: CommandResult) => publish('results', result, 1),
+    report: (result: CommandResult) => mqttUp()
+      ? withTimeout(publish('results', result, 1), REPORT_TIMEOUT_MS, 'result')
+      : http.report(result, httpTimeoutMs()),
   });
 
+  const heartbeat = (): Heartbeat => ({
+    status: 'online', bundle_version: state.state.current_bundle_version, config_version: state.state.config_version,
+    uptime: Math.round((Date.now() - started) / 1000), sent_at: new Date().toISOString(),
+  });
+
+  const handle = (command: Command) => {
+    if (command.type === 'configure') void applyConfig(command);
+    else void executor.enqueue(command);
+  };
+
+  /** The HTTP fallback: a heartbeat whose answer carries the commands, then any result still unsent. */
+  const httpHeartbeat = async () => {
+    if (httpBusy || stopped) return;
+    httpBusy = true;
+    try {
+      const commands = await http.heartbeat(heartbeat(), httpTimeoutMs());
+      if (!onHttp) logger.info({ server: config.server }, 'MQTT unreachable: heartbeats and results go over HTTP');
+      onHttp = true;
+      markReady();
+      for (const command of commands) handle(command);
+      await executor.resendUnreported();
+    } catch (err) {
+      logger.warn({ err: (err as Error).message }, 'HTTP heartbeat failed');
+    } finally {
+      httpBusy = false;
+    }
+  };
+
   const sendHeartbeat = () => {
-    if (!client.connected) return;
-    void publish('heartbeat', {
-      status: 'online', bundle_version: state.state.current_bundle_version, config_version: state.state.config_version,
-      uptime: Math.round((Date.now() - started) / 1000), sent_at: new Date().toISOString(),
-    }, 0).catch(() => {});
+    if (stopped) return;
+    if (!mqttUp()) {
+      void httpHeartbeat();
+      return;
+    }
+    onHttp = false;
+    void publish('heartbeat', heartbeat(), 0).catch(() => {});
   };
   const scheduleHeartbeats = () => {
     clearInterval(heartbeatTimer);
-    heartbeatTimer = setInterval(sendHeartbeat, interval() * 1000);
+    if (!stopped) heartbeatTimer = setInterval(sendHeartbeat, interval() * 1000);
   };
 
   /** Applies a configuration newer than the one in force; older ones are ignored. */
@@ -93,6 +149,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
     await state.update((s) => {
       s.config_version = cfg.config_version;
       if (cfg.polling_interval) s.polling_interval = cfg.polling_interval;
+      if (cfg.heartbeat_timeout) s.heartbeat_timeout = cfg.heartbeat_timeout;
       if (cfg.deploy_timeout) s.deploy_timeout = cfg.deploy_timeout;
       if (cfg.log_level) s.log_level = cfg.log_level;
     });
@@ -103,11 +160,9 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   };
 
   const mqttUrl = config.mqttUrl ?? state.state.mqtt_url ?? `mqtt://${new URL(config.server).hostname}:1883`;
-  let markReady!: () => void;
-  const ready = new Promise<void>((r) => (markReady = r));
 
   const connect = () => {
-    client = mqtt.connect(mqttUrl, {
+    const c = mqtt.connect(mqttUrl, {
       clientId: config.deviceId,
       username: config.deviceId,
       password: state.state.token ?? '',
@@ -118,13 +173,16 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       protocolVersion: 4,
       resubscribe: true,
     });
-    client.on('connect', () => {
+    client = c;
+    c.on('connect', () => {
       backoff = 1000;
-      client.options.reconnectPeriod = backoff;
+      c.options.reconnectPeriod = backoff;
       logger.info({ mqttUrl }, 'connected');
-      client.subscribe(
-        [topic(config.deviceId, 'commands'), topic(config.deviceId, 'config')],
-        { qos: 1 },
+      // Commands at QoS 1: queued in the session while offline. Config at QoS
+      // 0: nothing queued, so a device coming back gets only the retained
+      // (latest) configuration, never the older ones published meanwhile.
+      c.subscribe(
+        { [topic(config.deviceId, 'commands')]: { qos: 1 }, [topic(config.deviceId, 'config')]: { qos: 0 } },
         (err) => err && logger.warn({ err: err.message }, 'subscribe failed'),
       );
       sendHeartbeat();
@@ -132,30 +190,28 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       void executor.resendUnreported();
       markReady();
     });
-    client.on('close', () => {
+    c.on('close', () => {
       // Exponential backoff so a fleet does not hammer a controller that is down.
       backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
-      client.options.reconnectPeriod = backoff;
+      c.options.reconnectPeriod = backoff;
     });
-    client.on('error', (err: Error & { code?: number }) => {
+    c.on('error', (err: Error & { code?: number }) => {
       logger.warn({ err: err.message }, 'mqtt error');
       // Not authorized: the controller no longer knows this token; enroll again once.
       if ((err.code === 4 || err.code === 5) && !reenrolled && config.enrollmentToken && !stopped) {
         reenrolled = true;
-        client.end(true, () => {
+        c.end(true, () => {
           enroll(config, state, logger).then(connect, (e: Error) => logger.error({ err: e.message }, 're-enrollment failed'));
         });
       }
     });
-    client.on('message', (t, payload) => {
+    c.on('message', (t, payload) => {
       try {
         if (t === topic(config.deviceId, 'config')) {
           void applyConfig(parseJson(validate.deviceConfig, payload, 'config'));
           return;
         }
-        const command = parseJson(validate.command, payload, 'command');
-        if (command.type === 'configure') void applyConfig(command);
-        else void executor.enqueue(command);
+        handle(parseJson(validate.command, payload, 'command'));
       } catch (err) {
         if (err instanceof SchemaError) logger.warn({ topic: t, err: err.message }, 'invalid message ignored');
         else throw err;
@@ -180,6 +236,8 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   }
 
   connect();
+  // Heartbeats start now: over MQTT once connected, over HTTP while it is not.
+  scheduleHeartbeats();
 
   return {
     deviceId: config.deviceId,
@@ -189,7 +247,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       stopped = true;
       clearInterval(heartbeatTimer);
       await executor.idle();
-      await new Promise<void>((r) => client.end(false, {}, () => r()));
+      await new Promise<void>((r) => (client ? client.end(false, {}, () => r()) : r()));
     },
   };
 }

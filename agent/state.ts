@@ -26,6 +26,8 @@ export interface AgentState {
   current_bundle_version: string | null;
   config_version: number;
   polling_interval: number | null;
+  /** Seconds an HTTP request to the controller may take (set by configuration; absent in older state files). */
+  heartbeat_timeout?: number | null;
   deploy_timeout: number | null;
   log_level: string | null;
   /** Successful deploys, newest last: which bundle dirs to keep for rollback. */
@@ -54,7 +56,7 @@ export class StateFile {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
       state = {
         device_id: deviceId, token: null, mqtt_url: null, current_bundle_version: null, config_version: 0,
-        polling_interval: null, deploy_timeout: null, log_level: null, deployed_versions: [], handled: {}, in_flight: null,
+        polling_interval: null, heartbeat_timeout: null, deploy_timeout: null, log_level: null, deployed_versions: [], handled: {}, in_flight: null,
       };
     }
     return new StateFile(path, state);

@@ -25,6 +25,8 @@ export interface ControllerConfig {
   maxBundleBytes: number;
   /** Embedded store in memory only (tests, demos). */
   inMemoryStore: boolean;
+  /** Swagger UI at /api/v1/docs (the OpenAPI document at /api/v1/openapi.json is always served). */
+  docsUi: boolean;
 }
 
 export class ConfigError extends Error {
@@ -89,7 +91,7 @@ export const CONTROLLER_ENV = [
   'KERNEX_DATA_DIR', 'KERNEX_HTTP_HOST', 'KERNEX_HTTP_PORT', 'KERNEX_MQTT_HOST', 'KERNEX_MQTT_PORT',
   'KERNEX_PUBLIC_URL', 'KERNEX_MQTT_PUBLIC_URL', 'KERNEX_MONGO_URL', 'KERNEX_S3_ENDPOINT',
   'KERNEX_S3_ACCESS_KEY', 'KERNEX_S3_SECRET_KEY', 'KERNEX_S3_BUCKET', 'KERNEX_S3_REGION', 'KERNEX_S3_USE_SSL',
-  'KERNEX_REDIS_URL', 'KERNEX_LOG_LEVEL', 'KERNEX_HEARTBEAT_FLUSH_MS', 'KERNEX_MAX_BUNDLE_BYTES',
+  'KERNEX_REDIS_URL', 'KERNEX_LOG_LEVEL', 'KERNEX_HEARTBEAT_FLUSH_MS', 'KERNEX_MAX_BUNDLE_BYTES', 'KERNEX_DOCS_UI',
 ] as const;
 
 export type ControllerFlags = Partial<ControllerConfig>;
@@ -116,5 +118,6 @@ export function loadControllerConfig(flags: ControllerFlags = {}, env: NodeJS.Pr
     maxBundleBytes: integer('KERNEX_MAX_BUNDLE_BYTES', flags.maxBundleBytes ?? env.KERNEX_MAX_BUNDLE_BYTES,
       512 * 1024 * 1024, 1024, Number.MAX_SAFE_INTEGER),
     inMemoryStore: flags.inMemoryStore ?? false,
+    docsUi: flags.docsUi ?? bool(env.KERNEX_DOCS_UI) ?? true,
   };
 }

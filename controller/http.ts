@@ -11,6 +11,9 @@ import { deviceRoutes } from './routes/devices.js';
 import { bundleRoutes } from './routes/bundles.js';
 import { deploymentRoutes } from './routes/deployments.js';
 import { healthRoutes } from './routes/health.js';
+import { deviceConfigRoutes } from './routes/device-config.js';
+import { rollbackRoutes } from './routes/rollback.js';
+import { registerOpenApi } from './openapi.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -35,6 +38,8 @@ export interface HttpOptions {
   mqttPort: number;
   publicMqttUrl?: string;
   maxBundleBytes: number;
+  /** Serve Swagger UI at /api/v1/docs. */
+  docsUi?: boolean;
 }
 
 export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance> {
@@ -45,6 +50,8 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     trustProxy: true,
   });
   await app.register(multipart, { limits: { fileSize: opts.maxBundleBytes, files: 1, fields: 8 } });
+  // Before the routes: the swagger plugin collects them as they are added.
+  await registerOpenApi(app, { ui: opts.docsUi ?? true });
 
   app.decorateRequest('principal', null);
   app.addHook('onRequest', async (req) => {
@@ -85,6 +92,8 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     await deviceRoutes(api, { ...opts, guard });
     await bundleRoutes(api, { ...opts, guard });
     await deploymentRoutes(api, { ...opts, guard });
+    await deviceConfigRoutes(api, { ...opts, guard });
+    await rollbackRoutes(api, { ...opts, guard });
   }, { prefix: '/api/v1' });
   return app;
 }

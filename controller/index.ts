@@ -61,12 +61,16 @@ export async function startController(config: ControllerConfig, logger: Logger):
     logger: logger.child({ component: 'mqtt' }), counters,
   });
   await services.devices.start(!config.redisUrl);
+  // A broker that keeps retained messages in memory starts empty: give it
+  // back every device's latest configuration before devices connect.
+  if (!config.redisUrl) await services.configs.republishAll();
 
   let app: FastifyInstance | undefined;
   try {
     const mqttAddress = await broker.listenTcp(config.mqttPort, config.mqttHost);
     app = await createHttpApp({
       services, logger, mqttPort: mqttAddress.port, publicMqttUrl: config.publicMqttUrl, maxBundleBytes: config.maxBundleBytes,
+      docsUi: config.docsUi,
     });
     await app.listen({ port: config.httpPort, host: config.httpHost });
     const httpPort = (app.server.address() as { port: number }).port;

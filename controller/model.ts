@@ -89,6 +89,10 @@ export interface HistoryDoc extends StoredDocument {
   error_message: string | null;
   deployed_at: string;
   duration_seconds: number | null;
+  /** On a successful rollback: the entry it replaced. Chosen when the entry is first written, so a retry marks the same one. */
+  replaced_entry_id?: string | null;
+  /** On a `rolled_back` entry: the rollback deployment that replaced it. */
+  rolled_back_by?: string | null;
 }
 
 export interface DeviceConfigDoc extends StoredDocument {

@@ -18,9 +18,21 @@ import deploymentRequest from './deployment-request.schema.json' with { type: 'j
 import rollbackRequest from './rollback-request.schema.json' with { type: 'json' };
 import resultRequest from './result-request.schema.json' with { type: 'json' };
 import configUpdate from './config-update.schema.json' with { type: 'json' };
+import heartbeatResponse from './heartbeat-response.schema.json' with { type: 'json' };
+import bundleHistoryEntry from './bundle-history-entry.schema.json' with { type: 'json' };
+import deviceConfigView from './device-config-view.schema.json' with { type: 'json' };
+import rollbackResponse from './rollback-response.schema.json' with { type: 'json' };
+import apiError from './api-error.schema.json' with { type: 'json' };
+import deviceView from './device-view.schema.json' with { type: 'json' };
+import bundleView from './bundle-view.schema.json' with { type: 'json' };
+import deploymentView from './deployment-view.schema.json' with { type: 'json' };
+import registerResponse from './register-response.schema.json' with { type: 'json' };
+import resultResponse from './result-response.schema.json' with { type: 'json' };
 import type {
   BundleManifest, Heartbeat, Command, CommandResult, DeviceConfigMessage, DeviceStatusMessage,
   FleetEvent, RegisterRequest, DeploymentRequest, RollbackRequest, ResultRequest, ConfigUpdate,
+  HeartbeatResponse, BundleHistoryEntry, DeviceConfigView, RollbackResponse, ApiErrorBody, DeviceView, BundleView,
+  DeploymentView, RegisterResponse, ResultResponse,
 } from './types.js';
 
 export type * from './types.js';
@@ -103,6 +115,19 @@ export const validate = {
   rollbackRequest: compile<RollbackRequest>(strict, rollbackRequest),
   resultRequest: compile<ResultRequest>(strict, resultRequest),
   configUpdate: compile<ConfigUpdate>(coercing, configUpdate),
+  // REST answers: what clients (the agent's HTTP fallback, kernexctl) may
+  // check, and what the OpenAPI document shows. They refer to the manifest and
+  // command schemas above by $id, so they are compiled after them.
+  heartbeatResponse: compile<HeartbeatResponse>(strict, heartbeatResponse),
+  bundleHistoryEntry: compile<BundleHistoryEntry>(strict, bundleHistoryEntry),
+  deviceConfigView: compile<DeviceConfigView>(strict, deviceConfigView),
+  rollbackResponse: compile<RollbackResponse>(strict, rollbackResponse),
+  apiError: compile<ApiErrorBody>(strict, apiError),
+  deviceView: compile<DeviceView>(strict, deviceView),
+  bundleView: compile<BundleView>(strict, bundleView),
+  deploymentView: compile<DeploymentView>(strict, deploymentView),
+  registerResponse: compile<RegisterResponse>(strict, registerResponse),
+  resultResponse: compile<ResultResponse>(strict, resultResponse),
 };
 
 /** Parses JSON bytes and validates them; throws SchemaError for either failure. */
@@ -120,4 +145,6 @@ export function parseJson<T>(validator: Validator<T>, bytes: Buffer | string, na
 export const schemas = {
   common, manifest, heartbeat, command, result, deviceConfig, deviceStatus, fleetEvent,
   registerRequest, deploymentRequest, rollbackRequest, resultRequest, configUpdate,
+  heartbeatResponse, bundleHistoryEntry, deviceConfigView, rollbackResponse, apiError, deviceView, bundleView,
+  deploymentView, registerResponse, resultResponse,
 };

@@ -1,6 +1,86 @@
 // Generated from schemas/*.schema.json by schemas/generate-types.mjs. Do not edit.
 
 /**
+ * Every REST error: a stable code and a sentence saying what was wrong and what to do.
+ */
+
+export interface ApiErrorBody {
+  error: string;
+  message: string;
+}
+
+/**
+ * One line of GET /api/v1/devices/{id}/bundle-history: the outcome of one deploy or rollback on one device, written once.
+ */
+
+export interface BundleHistoryEntry {
+  id: string;
+  device_id: string;
+  bundle_version: string;
+  bundle_id: string;
+  deployment_id: string;
+  kind: "deploy" | "rollback";
+  /**
+   * rolled_back: it succeeded, and a later rollback replaced it.
+   */
+  status: "success" | "failed" | "rolled_back";
+  error_message: string | null;
+  deployed_at: string;
+  duration_seconds: number | null;
+  /**
+   * On a successful rollback: the entry it replaced (now rolled_back).
+   */
+  replaced_entry_id?: string | null;
+  /**
+   * On a rolled_back entry: the rollback deployment that replaced it.
+   */
+  rolled_back_by?: string | null;
+}
+
+/**
+ * A stored bundle as POST/GET /api/v1/bundles and GET /api/v1/bundles/{id}/info show it.
+ */
+
+export interface BundleView {
+  id: string;
+  name?: string | null;
+  version: string;
+  sha256: string;
+  size: number;
+  filename: string;
+  manifest: BundleManifest;
+  model_name?: string | null;
+  created_at: string;
+}
+/**
+ * manifest.json at the root of a bundle archive.
+ */
+
+export interface BundleManifest {
+  version: string;
+  name?: string;
+  description?: string;
+  deploy: Step;
+  rollback?: Step;
+  model?: {
+    name?: string;
+    version?: string;
+    framework?: string;
+  };
+}
+
+export interface Step {
+  /**
+   * Path of the script, relative to the bundle root; it must stay inside the bundle.
+   */
+  script: string;
+  /**
+   * The script may be run again after an interruption.
+   */
+  idempotent?: boolean;
+}
+
+/**
  * One command on kernex/devices/{id}/commands (controller to device, QoS 1).
  */
 
@@ -72,6 +152,65 @@ export type DeploymentRequest = {
 };
 
 /**
+ * A deploy or rollback as the deployments API shows it; GET /api/v1/deployments/{id} adds each target's state in devices.
+ */
+
+export interface DeploymentView {
+  deployment_id: string;
+  id: string;
+  kind: "deploy" | "rollback";
+  bundle_id: string;
+  bundle_version: string;
+  target_device_ids: string[];
+  status: "pending" | "in_progress" | "success" | "failed";
+  total: number;
+  finished: number;
+  succeeded: number;
+  failed: number;
+  timeout_seconds?: number | null;
+  created_at: string;
+  updated_at?: string;
+  finished_at?: string | null;
+  devices?: {
+    device_id: string;
+    status: "pending" | "in_progress" | "success" | "failed" | "timed_out";
+    phase?: string | null;
+    exit_code?: number | null;
+    output_tail?: string | null;
+    error_message?: string | null;
+    duration_seconds?: number | null;
+    started_at?: string | null;
+    finished_at?: string | null;
+  }[];
+}
+
+/**
+ * GET/PUT /api/v1/devices/{id}/config: a device's desired configuration. version starts at 1 (the defaults) and grows by one per update.
+ */
+
+export interface DeviceConfigView {
+  id: string;
+  device_id: string;
+  /**
+   * Seconds between heartbeats.
+   */
+  polling_interval: number;
+  /**
+   * Seconds the agent waits for an HTTP heartbeat answer.
+   */
+  heartbeat_timeout: number;
+  /**
+   * Seconds a deploy or rollback script may run.
+   */
+  deploy_timeout: number;
+  log_level: "DEBUG" | "INFO" | "WARNING" | "ERROR";
+  metadata_json: {} | null;
+  version: number;
+  created_at: string;
+  updated_at: string;
+}
+
+/**
  * kernex/devices/{id}/config (controller to device, retained): the desired configuration with its version.
  */
 
@@ -99,6 +238,45 @@ export interface DeviceStatusMessage {
 }
 
 /**
+ * A device as GET /api/v1/devices and GET /api/v1/devices/{id} show it, with the freshest presence.
+ */
+
+export interface DeviceView {
+  id: string;
+  device_id: string;
+  public_key?: string;
+  status: "online" | "offline" | "error";
+  /**
+   * How the device last reached the controller.
+   */
+  connection?: "mqtt" | "http" | null;
+  last_heartbeat: string | null;
+  /**
+   * The version of its last successful deploy or rollback.
+   */
+  current_bundle_version: string | null;
+  /**
+   * The configuration version the device reports having applied.
+   */
+  config_version: number | null;
+  /**
+   * The version of its stored configuration; null when none was ever set or read.
+   */
+  desired_config_version: number | null;
+  /**
+   * Whether the device reports the desired configuration version (null when there is no desired configuration).
+   */
+  config_applied: boolean | null;
+  uptime?: number | null;
+  metrics?: {} | null;
+  hardware_id?: string | null;
+  metadata?: {} | null;
+  revoked_at?: string | null;
+  created_at?: string;
+  updated_at?: string;
+}
+
+/**
  * kernex/events/deployments/{deployment_id} (controller to integrators): deployment created, per-device progress, finished.
  */
 
@@ -116,6 +294,14 @@ export interface FleetEvent {
   };
   error_message?: string | null;
   at: string;
+}
+
+/**
+ * One command on kernex/devices/{id}/commands (controller to device, QoS 1).
+ */
+
+export interface HeartbeatResponse {
+  commands: Command[];
 }
 
 /**
@@ -137,30 +323,6 @@ export interface Heartbeat {
  * manifest.json at the root of a bundle archive.
  */
 
-export interface BundleManifest {
-  version: string;
-  name?: string;
-  description?: string;
-  deploy: Step;
-  rollback?: Step;
-  model?: {
-    name?: string;
-    version?: string;
-    framework?: string;
-  };
-}
-
-export interface Step {
-  /**
-   * Path of the script, relative to the bundle root; it must stay inside the bundle.
-   */
-  script: string;
-  /**
-   * The script may be run again after an interruption.
-   */
-  idempotent?: boolean;
-}
-
 /**
  * Body of POST /api/v1/devices/register.
  */
@@ -179,6 +341,21 @@ export interface RegisterRequest {
 }
 
 /**
+ * Answer of POST /api/v1/devices/register (201 when created, 200 when the same device and key registered again).
+ */
+
+export interface RegisterResponse {
+  device_id: string;
+  /**
+   * The device token: MQTT password and HTTP bearer token. Shown once.
+   */
+  token: string;
+  mqtt_url: string;
+  status: "registered";
+  created: boolean;
+}
+
+/**
  * Body of POST /api/v1/deployments/{id}/result (the earlier system's REST result report).
  */
 
@@ -193,6 +370,17 @@ export interface ResultRequest {
   output_tail?: string;
   duration_seconds?: number | string | null;
   bundle_version?: string;
+}
+
+/**
+ * Answer of POST /api/v1/deployments/{id}/result; recorded is false when an outcome was already recorded (a duplicate report).
+ */
+
+export interface ResultResponse {
+  deployment_id: string;
+  device_id: string;
+  status: "success" | "failed";
+  recorded: boolean;
 }
 
 /**
@@ -227,4 +415,18 @@ export interface RollbackRequest {
    */
   target_device_ids: string[];
   timeout_seconds?: number;
+}
+
+/**
+ * Answer of POST /api/v1/devices/rollback: the rollback deployment that was created and pushed.
+ */
+
+export interface RollbackResponse {
+  deployment_id: string;
+  status: "pending";
+  kind: "rollback";
+  bundle_id: string;
+  bundle_version: string;
+  target_device_ids: string[];
+  created_at: string;
 }

@@ -6,7 +6,7 @@ import { forbidden } from '../errors.js';
 import { deviceIdParam, enumQuery, intQuery } from './params.js';
 
 export async function deviceRoutes(api: FastifyInstance, opts: HttpOptions & { guard: Guard }): Promise<void> {
-  const { devices, deployments } = opts.services;
+  const { devices, deployments, configs } = opts.services;
   const { guard } = opts;
 
   api.post('/devices/register', async (req, reply) => {
@@ -22,13 +22,14 @@ export async function deviceRoutes(api: FastifyInstance, opts: HttpOptions & { g
     const status = enumQuery(req.query, 'status', ['online', 'offline', 'error'] as const);
     const limit = intQuery(req.query, 'limit', 10_000, 1, 100_000);
     const skip = intQuery(req.query, 'skip', 0, 0, 10_000_000);
-    return devices.list({ status, limit, skip });
+    return configs.annotate(await devices.list({ status, limit, skip }));
   });
 
   api.get('/devices/:device_id', { preHandler: guard('viewer', 'device') }, async (req) => {
     const deviceId = deviceIdParam(req.params);
     if (req.principal?.kind === 'device' && req.principal.deviceId !== deviceId) throw forbidden('a device may only read itself');
-    return devices.get(deviceId);
+    const [view] = await configs.annotate([await devices.get(deviceId)]);
+    return view;
   });
 
   // The earlier system's polling path, kept for devices that cannot hold an MQTT connection.
@@ -37,7 +38,12 @@ export async function deviceRoutes(api: FastifyInstance, opts: HttpOptions & { g
     if (req.principal?.kind !== 'device' || req.principal.deviceId !== deviceId) {
       throw forbidden('a device may only send its own heartbeat');
     }
-    devices.heartbeat(deviceId, validate.heartbeat.parse(req.body ?? {}), 'http');
-    return { commands: await deployments.pendingCommands(deviceId) };
+    const hb = validate.heartbeat.parse(req.body ?? {});
+    devices.heartbeat(deviceId, hb, 'http');
+    // Unfinished deploys and rollbacks, then the configuration if the device is behind.
+    const [commands, configure] = await Promise.all([
+      deployments.pendingCommands(deviceId), configs.pendingCommand(deviceId, hb.config_version),
+    ]);
+    return { commands: configure ? [...commands, configure] : commands };
   });
 }

@@ -11,8 +11,8 @@ import { FINAL_DEVICE_STATUSES, now, present } from '../model.js';
 import type { FleetPublisher } from '../mqtt/publisher.js';
 import type { BundleService } from './bundles.js';
 import type { DeviceService } from './devices.js';
+import type { HistoryService } from './history.js';
 import { badRequest, notFound } from '../errors.js';
-import { DuplicateKeyError } from '../store/index.js';
 
 export interface CreateDeployment {
   bundle: BundleDoc;
@@ -33,6 +33,7 @@ export class DeploymentService {
     private devices: DeviceService,
     private publisher: FleetPublisher,
     private logger: Logger,
+    private history: HistoryService,
   ) {}
 
   /** Resolves a bundle given by id or by version, with a clear error when neither exists. */
@@ -184,11 +185,7 @@ export class DeploymentService {
       deployment_id: state.deployment_id, kind: state.kind, status, error_message: result.error_message ?? null,
       deployed_at: state.finished_at ?? now(), duration_seconds: result.duration_seconds ?? null,
     };
-    try {
-      await this.repos.bundleHistory.insertOne(entry);
-    } catch (err) {
-      if (!(err instanceof DuplicateKeyError)) throw err;
-    }
+    await this.history.record(entry);
   }
 
   private async countFinished(state: DeviceDeploymentDoc): Promise<void> {

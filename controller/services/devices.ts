@@ -36,6 +36,7 @@ export class DeviceService {
   /** The newest known live state per device (also what is already flushed). */
   private live = new Map<string, LiveState>();
   private tokenHashes = new Map<string, string | null>();
+  private pollingIntervals = new Map<string, number>();
   private timers: NodeJS.Timeout[] = [];
   private flushing: Promise<void> = Promise.resolve();
   /** Heartbeats accepted since start, and writes that carried them (batches). */
@@ -188,11 +189,22 @@ export class DeviceService {
     return this.flushing;
   }
 
-  /** HTTP-polling devices go offline when their heartbeats stop. */
-  private async sweep(): Promise<void> {
-    const cutoff = new Date(Date.now() - (this.options.httpOfflineAfterSeconds ?? 90) * 1000).toISOString();
+  /** A device's configured heartbeat interval, so a slow poller is not taken for gone. */
+  setPollingInterval(deviceId: string, seconds: number): void {
+    this.pollingIntervals.set(deviceId, seconds);
+  }
+
+  /**
+   * HTTP-polling devices go offline when their heartbeats stop: after
+   * httpOfflineAfterSeconds (90), or three configured intervals if longer.
+   * Runs every 5 s; `at` is the time to judge by.
+   */
+  async sweep(at = Date.now()): Promise<void> {
+    const base = this.options.httpOfflineAfterSeconds ?? 90;
     for (const [deviceId, s] of this.live) {
-      if (s.connection === 'http' && s.status !== 'offline' && s.last_heartbeat && s.last_heartbeat < cutoff) {
+      if (s.connection !== 'http' || s.status === 'offline' || !s.last_heartbeat) continue;
+      const allowed = Math.max(base, 3 * (this.pollingIntervals.get(deviceId) ?? 0));
+      if (Date.parse(s.last_heartbeat) < at - allowed * 1000) {
         const state: LiveState = { ...s, status: 'offline' };
         this.live.set(deviceId, state);
         this.pending.set(deviceId, state);

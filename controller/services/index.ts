@@ -8,8 +8,11 @@ import { TokenService } from './tokens.js';
 import { DeviceService } from './devices.js';
 import { BundleService } from './bundles.js';
 import { DeploymentService } from './deployments.js';
+import { HistoryService } from './history.js';
+import { ConfigService } from './configs.js';
+import { RollbackService } from './rollback.js';
 
-export { TokenService, DeviceService, BundleService, DeploymentService };
+export { TokenService, DeviceService, BundleService, DeploymentService, HistoryService, ConfigService, RollbackService };
 
 export interface Services {
   repos: Repositories;
@@ -17,6 +20,9 @@ export interface Services {
   devices: DeviceService;
   bundles: BundleService;
   deployments: DeploymentService;
+  history: HistoryService;
+  configs: ConfigService;
+  rollbacks: RollbackService;
   /** A bearer token as an HTTP principal: a device token or an API token. */
   authenticateBearer(token: string): Promise<Principal | null>;
 }
@@ -33,9 +39,12 @@ export function createServices(deps: {
   const tokens = new TokenService(repos, logger);
   const devices = new DeviceService(repos, tokens, publisher, logger, { flushMs: deps.heartbeatFlushMs });
   const bundles = new BundleService(repos, blobs, logger, deps.maxBundleBytes);
-  const deployments = new DeploymentService(repos, bundles, devices, publisher, logger);
+  const history = new HistoryService(repos, logger);
+  const deployments = new DeploymentService(repos, bundles, devices, publisher, logger, history);
+  const configs = new ConfigService(repos, publisher, logger, devices);
+  const rollbacks = new RollbackService(bundles, devices, history, deployments);
   return {
-    repos, tokens, devices, bundles, deployments,
+    repos, tokens, devices, bundles, deployments, history, configs, rollbacks,
     async authenticateBearer(token) {
       const deviceId = await devices.byToken(token);
       if (deviceId) return { kind: 'device', deviceId };

@@ -17,7 +17,10 @@ export interface TestController {
 export async function startTestController(overrides: Partial<ControllerConfig> = {}): Promise<TestController> {
   const dataDir = overrides.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-ctl-')));
   const config = loadControllerConfig(
-    { httpHost: '127.0.0.1', mqttHost: '127.0.0.1', httpPort: 0, mqttPort: 0, heartbeatFlushMs: 100, ...overrides, dataDir },
+    // No Swagger UI in-process: its static-file plugin require()s an ES module,
+    // which jest's loader cannot do on Node 20 (test/openapi.test.ts checks
+    // the UI on a real `kernex server` process).
+    { httpHost: '127.0.0.1', mqttHost: '127.0.0.1', httpPort: 0, mqttPort: 0, heartbeatFlushMs: 100, docsUi: false, ...overrides, dataDir },
     {},
   );
   const logger = pino({ level: process.env.KERNEX_TEST_LOG ?? 'silent' });
