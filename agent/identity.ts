@@ -3,6 +3,7 @@
 import { generateKeyPairSync, createPrivateKey, createPublicKey, sign, type KeyObject } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { registrationMessage } from '../schemas/index.js';
 
 export interface Identity {
   publicKeyPem: string;
@@ -25,6 +26,6 @@ export async function loadIdentity(dataDir: string): Promise<Identity> {
 /** The registration proof: a signature over the device id and a fresh timestamp. */
 export function registrationProof(identity: Identity, deviceId: string): { timestamp: string; signature: string } {
   const timestamp = new Date().toISOString();
-  const signature = sign(null, Buffer.from(`kernex-register:${deviceId}:${timestamp}`), identity.privateKey).toString('base64');
+  const signature = sign(null, registrationMessage(deviceId, timestamp), identity.privateKey).toString('base64');
   return { timestamp, signature };
 }

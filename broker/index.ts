@@ -1,15 +1,24 @@
 // The embedded MQTT broker: Aedes with Kernex's authentication, ACL and
 // listeners. It knows nothing about the store; the controller supplies hooks.
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
-import { createServer, type AddressInfo, type Server } from 'node:net';
+import type { IncomingMessage, Server as HttpServer } from 'node:http';
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { createServer as createTlsServer, type TlsOptions } from 'node:tls';
 import type { Logger } from 'pino';
+import { WebSocketServer, createWebSocketStream } from 'ws';
 import { canPublish, canSubscribe, type Principal } from './acl.js';
 import { parseDeviceTopic } from './topics.js';
 import { createPersistence, type PersistenceConfig } from './persistence.js';
+import { ConnectionGate, GuardedConnection, type ConnectionStats } from './connections.js';
 
 export { canPublish, canSubscribe, type Principal, type Role } from './acl.js';
 export { topics, parseDeviceTopic, PREFIX } from './topics.js';
 export type { PersistenceConfig } from './persistence.js';
+export { FrameScanner, PacketTooLargeError, type ConnectionStats } from './connections.js';
+
+/** A credential was revoked: every broker instance drops what it cached and closes what it holds. */
+export type Revocation = { kind: 'device'; id: string } | { kind: 'token'; id: string };
 
 export interface BrokerHooks {
   /** Resolves a CONNECT's credentials to a principal, or null to refuse. */
@@ -23,23 +32,53 @@ export interface BrokerHooks {
   clientReady?(principal: Principal, clientId: string): void;
   clientGone?(principal: Principal, clientId: string): void;
   subscribed?(principal: Principal, topic: string): void;
+  /** A revocation announced by any instance (this one included). */
+  revoked?(revocation: Revocation): void;
 }
+
+export interface BrokerLimits {
+  /** Largest MQTT packet accepted (remaining length); a bigger one closes the connection. */
+  maxPacketBytes: number;
+  /** Connections open at once, over every listener. */
+  maxConnections: number;
+  /** Connections that have not sent CONNECT yet; beyond this the oldest is closed. */
+  maxPendingConnections: number;
+  /** Milliseconds a connection may stay open without sending CONNECT. */
+  connectTimeoutMs: number;
+  /** Milliseconds a subscriber may leave its socket full before it is dropped. */
+  drainTimeoutMs: number;
+}
+
+export const DEFAULT_BROKER_LIMITS: BrokerLimits = {
+  maxPacketBytes: 256 * 1024,
+  maxConnections: 20_000,
+  maxPendingConnections: 1_000,
+  connectTimeoutMs: 10_000,
+  drainTimeoutMs: 30_000,
+};
 
 export interface BrokerOptions {
   id?: string;
   persistence?: PersistenceConfig;
-  /** Seconds a socket may stay open without sending CONNECT. */
-  connectTimeoutMs?: number;
+  limits?: Partial<BrokerLimits>;
 }
 
 export interface Broker {
   readonly aedes: Aedes;
+  readonly limits: BrokerLimits;
   listenTcp(port: number, host?: string): Promise<AddressInfo>;
+  /** MQTT over TLS (8883 by convention). */
+  listenTls(port: number, host: string | undefined, tls: TlsOptions): Promise<AddressInfo>;
+  /** MQTT over WebSocket on an existing HTTP(S) server, at `path` (e.g. /mqtt). */
+  attachWebSocket(server: HttpServer, path: string): void;
   /** Publishes as the controller itself (no client, so no ACL applies). */
   publish(topic: string, payload: unknown, options?: { qos?: 0 | 1; retain?: boolean }): Promise<void>;
-  /** Closes every connection of a device (revocation). */
+  /** Closes this instance's connection of a device (revocation). */
   disconnectDevice(deviceId: string): void;
+  /** Tells every instance (through the broker's emitter) that a credential was revoked. */
+  announceRevocation(revocation: Revocation): Promise<void>;
   isDeviceConnected(deviceId: string): boolean;
+  connectionStats(): ConnectionStats;
   close(): Promise<void>;
 }
 
@@ -47,6 +86,13 @@ export interface Broker {
 // wildcard matches (MQTT 4.7.2) and nobody may subscribe to, so the message
 // is neither stored nor forwarded while the device stays connected.
 const DROPPED_TOPIC = '$kernex/dropped';
+// Revocations travel between instances on this topic; no client may use `$` topics.
+const REVOCATION_TOPIC = '$kernex/control/revoked';
+
+/** The part of mqemitter (Aedes' message bus, Redis-backed across instances) used here. */
+interface Emitter {
+  on(topic: string, listener: (packet: { payload: Buffer | string }, cb: () => void) => void): void;
+}
 
 function authError(message: string, returnCode: number): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
@@ -54,21 +100,40 @@ function authError(message: string, returnCode: number): AuthenticateError {
 
 export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, logger: Logger): Promise<Broker> {
   const principals = new WeakMap<Client, Principal>();
+  const wills = new WeakMap<Client, { topic: string; retain: boolean }>();
   const deviceClients = new Map<string, Client>();
+  /** Open connections per API token, so revoking a token closes them. */
+  const tokenClients = new Map<string, Set<Client>>();
   const persistence = await createPersistence(options.persistence ?? { kind: 'memory' });
-  const servers: Server[] = [];
+  const limits: BrokerLimits = { ...DEFAULT_BROKER_LIMITS, ...options.limits };
+  const gate = new ConnectionGate(limits);
+  const servers: Array<Server | WebSocketServer> = [];
 
   const aedes = await Aedes.createBroker({
     id: options.id,
     persistence: persistence.persistence,
     mq: persistence.mq,
-    connectTimeout: options.connectTimeoutMs ?? 10_000,
+    connectTimeout: limits.connectTimeoutMs,
+    drainTimeout: limits.drainTimeoutMs,
     maxClientsIdLength: 128,
+
+    preConnect(client, packet, done) {
+      // CONNECT arrived: the connection is no longer an idle one that may be evicted.
+      gate.authenticated(client.conn as Duplex);
+      if (packet.will) wills.set(client, { topic: packet.will.topic, retain: packet.will.retain ?? false });
+      done(null, true);
+    },
 
     authenticate(client, username, password, done) {
       hooks.authenticate(client.id, username, password).then(
         (principal) => {
           if (!principal) return done(authError('bad username or password', 4), null);
+          // A will is published on the client's behalf later: it must be one the client could publish now.
+          const will = wills.get(client);
+          if (will && !canPublish(principal, will.topic, will.retain)) {
+            logger.warn({ clientId: client.id, topic: will.topic, retain: will.retain }, 'connection refused: will not allowed');
+            return done(authError(`not allowed to set a will on ${will.topic}`, 5), null);
+          }
           principals.set(client, principal);
           done(null, true);
         },
@@ -108,6 +173,10 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     const principal = principals.get(client);
     if (!principal) return;
     if (principal.kind === 'device') deviceClients.set(principal.deviceId, client);
+    else {
+      const set = tokenClients.get(principal.tokenId) ?? new Set<Client>();
+      tokenClients.set(principal.tokenId, set.add(client));
+    }
     hooks.clientReady?.(principal, client.id);
   });
   aedes.on('clientDisconnect', (client) => {
@@ -118,6 +187,10 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     if (principal.kind === 'device') {
       if (deviceClients.get(principal.deviceId) !== client) return;
       deviceClients.delete(principal.deviceId);
+    } else {
+      const set = tokenClients.get(principal.tokenId);
+      set?.delete(client);
+      if (set?.size === 0) tokenClients.delete(principal.tokenId);
     }
     hooks.clientGone?.(principal, client.id);
   });
@@ -133,14 +206,70 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     logger.debug({ clientId: client?.id, err: err.message }, 'mqtt connection error');
   });
 
+  // Revocations from any instance: local caches and connections go at once.
+  const emitter = (aedes as unknown as { mq: Emitter }).mq;
+  emitter.on(REVOCATION_TOPIC, (packet, cb) => {
+    try {
+      const revocation = JSON.parse(packet.payload.toString()) as Revocation;
+      // Caches first, so a reconnect right after the close is checked against the store.
+      hooks.revoked?.(revocation);
+      if (revocation.kind === 'device') deviceClients.get(revocation.id)?.close();
+      else for (const client of tokenClients.get(revocation.id) ?? []) client.close();
+    } catch (err) {
+      logger.error({ err }, 'could not apply a revocation');
+    }
+    cb();
+  });
+
+  /** Every connection, whatever its transport, enters Aedes through here. */
+  const accept = (raw: Duplex, req?: IncomingMessage) => {
+    if (!gate.admit(raw)) {
+      logger.warn({ limit: limits.maxConnections }, 'mqtt connection refused: too many connections');
+      raw.destroy();
+      return;
+    }
+    const conn = new GuardedConnection(raw, limits.maxPacketBytes, (err) => {
+      gate.stats.oversized++;
+      logger.warn({ declared: err.declared, limit: err.limit }, 'mqtt connection closed: packet too large');
+    });
+    conn.on('error', () => {}); // Aedes reports connection errors itself.
+    aedes.handle(conn, req);
+  };
+  const listen = (server: Server, port: number, host?: string) => {
+    servers.push(server);
+    return new Promise<AddressInfo>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve(server.address() as AddressInfo));
+    });
+  };
+
   return {
     aedes,
+    limits,
     listenTcp(port, host) {
-      const server = createServer(aedes.handle);
-      servers.push(server);
-      return new Promise((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(port, host, () => resolve(server.address() as AddressInfo));
+      return listen(createServer((socket: Socket) => accept(socket)), port, host);
+    },
+    listenTls(port, host, tls) {
+      const server = createTlsServer(tls, (socket) => accept(socket));
+      // A client that fails the handshake (wrong CA, plain TCP) never reaches Aedes.
+      server.on('tlsClientError', (err) => logger.debug({ err: err.message }, 'mqtt tls handshake failed'));
+      return listen(server, port, host);
+    },
+    attachWebSocket(server, path) {
+      // maxPayload bounds what ws buffers for one frame, as the scanner bounds MQTT packets.
+      const wss = new WebSocketServer({ noServer: true, maxPayload: limits.maxPacketBytes + 16 });
+      servers.push(wss);
+      server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+        if (new URL(req.url ?? '/', 'http://x').pathname !== path) return socket.destroy();
+        if (!gate.hasRoom()) {
+          gate.stats.refused++;
+          return socket.destroy();
+        }
+        wss.handleUpgrade(req, socket, head, (ws) => {
+          const stream = createWebSocketStream(ws);
+          stream.on('error', () => {});
+          accept(stream, req);
+        });
       });
     },
     publish(topic, payload, opts = {}) {
@@ -161,12 +290,25 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     disconnectDevice(deviceId) {
       deviceClients.get(deviceId)?.close();
     },
+    announceRevocation(revocation) {
+      return new Promise((resolve, reject) => {
+        aedes.publish(
+          { cmd: 'publish', topic: REVOCATION_TOPIC, payload: Buffer.from(JSON.stringify(revocation)), qos: 0, retain: false, dup: false },
+          (err) => (err ? reject(err) : resolve()),
+        );
+      });
+    },
     isDeviceConnected(deviceId) {
       return deviceClients.has(deviceId);
     },
+    connectionStats() {
+      return gate.snapshot();
+    },
     async close() {
-      await Promise.all(servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+      // Stop accepting first, then close the clients, then wait for the listeners.
+      const closed = servers.map((s) => new Promise<void>((r) => s.close(() => r())));
       await new Promise<void>((resolve) => aedes.close(() => resolve()));
+      await Promise.all(closed);
       await persistence.close();
     },
   };

@@ -1,10 +1,21 @@
 // The controller's configuration: KERNEX_* environment variables, overridden
 // by flags, validated once at start-up with a message that says what to fix.
+import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { S3Config } from './blobs/index.js';
+import { DEFAULT_BROKER_LIMITS, type BrokerLimits } from '../broker/index.js';
 
 /** The S3 settings are the blob backend's own type. */
 export type S3Settings = S3Config;
+
+/** A certificate and its key, as PEM text, read at start-up. */
+export interface TlsSettings {
+  cert: string;
+  key: string;
+  /** Intermediate/CA certificates sent along with the certificate. */
+  ca?: string;
+  certFile: string;
+}
 
 export interface ControllerConfig {
   dataDir: string;
@@ -27,6 +38,16 @@ export interface ControllerConfig {
   inMemoryStore: boolean;
   /** Swagger UI at /api/v1/docs (the OpenAPI document at /api/v1/openapi.json is always served). */
   docsUi: boolean;
+  /** HTTPS and MQTT over TLS, when a certificate and key are configured. */
+  tls?: TlsSettings;
+  /** The MQTT-over-TLS port (only with `tls`). */
+  mqttsPort: number;
+  /** Path of MQTT over WebSocket on the HTTP(S) port; null disables it. */
+  mqttWsPath: string | null;
+  broker: BrokerLimits;
+  /** Whether registration must prove possession of the private key (secure default: required). */
+  registrationProof: 'required' | 'optional';
+  registrationMaxSkewSeconds: number;
 }
 
 export class ConfigError extends Error {
@@ -86,15 +107,68 @@ function s3FromEnv(env: NodeJS.ProcessEnv): S3Settings | undefined {
   };
 }
 
+function pemFile(name: string, file: string, kind: RegExp): string {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`${name}: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+  }
+  if (!kind.test(text)) throw new ConfigError(`${name}: ${file} is not a PEM file of the expected kind`);
+  return text;
+}
+
+function tlsFromEnv(flags: ControllerFlags, env: NodeJS.ProcessEnv): TlsSettings | undefined {
+  if (flags.tls) return flags.tls;
+  const certFile = env.KERNEX_TLS_CERT;
+  const keyFile = env.KERNEX_TLS_KEY;
+  if (!certFile && !keyFile) return undefined;
+  if (!certFile || !keyFile) throw new ConfigError('TLS needs both KERNEX_TLS_CERT and KERNEX_TLS_KEY (PEM files)');
+  return {
+    cert: pemFile('KERNEX_TLS_CERT', certFile, /-----BEGIN CERTIFICATE-----/),
+    key: pemFile('KERNEX_TLS_KEY', keyFile, /-----BEGIN [A-Z ]*PRIVATE KEY-----/),
+    ca: env.KERNEX_TLS_CA ? pemFile('KERNEX_TLS_CA', env.KERNEX_TLS_CA, /-----BEGIN CERTIFICATE-----/) : undefined,
+    certFile,
+  };
+}
+
+function wsPath(raw: string | null | undefined): string | null {
+  if (raw === undefined) return '/mqtt';
+  if (raw === null || raw === '' || raw === 'off') return null;
+  if (!/^\/[A-Za-z0-9._~\/-]*$/.test(raw)) throw new ConfigError(`KERNEX_MQTT_WS_PATH must be a path like /mqtt (or off), got '${raw}'`);
+  return raw;
+}
+
+function brokerLimits(flags: Partial<BrokerLimits> | undefined, env: NodeJS.ProcessEnv): BrokerLimits {
+  const d = DEFAULT_BROKER_LIMITS;
+  const f = flags ?? {};
+  return {
+    maxPacketBytes: integer('KERNEX_MQTT_MAX_PACKET_BYTES', f.maxPacketBytes ?? env.KERNEX_MQTT_MAX_PACKET_BYTES,
+      d.maxPacketBytes, 1024, 256 * 1024 * 1024 - 1),
+    maxConnections: integer('KERNEX_MQTT_MAX_CONNECTIONS', f.maxConnections ?? env.KERNEX_MQTT_MAX_CONNECTIONS,
+      d.maxConnections, 1, 10_000_000),
+    maxPendingConnections: integer('KERNEX_MQTT_MAX_PENDING_CONNECTIONS',
+      f.maxPendingConnections ?? env.KERNEX_MQTT_MAX_PENDING_CONNECTIONS, d.maxPendingConnections, 1, 10_000_000),
+    connectTimeoutMs: integer('KERNEX_MQTT_CONNECT_TIMEOUT_MS', f.connectTimeoutMs ?? env.KERNEX_MQTT_CONNECT_TIMEOUT_MS,
+      d.connectTimeoutMs, 100, 600_000),
+    drainTimeoutMs: integer('KERNEX_MQTT_DRAIN_TIMEOUT_MS', f.drainTimeoutMs ?? env.KERNEX_MQTT_DRAIN_TIMEOUT_MS,
+      d.drainTimeoutMs, 100, 3_600_000),
+  };
+}
+
 /** Every KERNEX_* variable the controller reads (the compose file test checks against it). */
 export const CONTROLLER_ENV = [
   'KERNEX_DATA_DIR', 'KERNEX_HTTP_HOST', 'KERNEX_HTTP_PORT', 'KERNEX_MQTT_HOST', 'KERNEX_MQTT_PORT',
   'KERNEX_PUBLIC_URL', 'KERNEX_MQTT_PUBLIC_URL', 'KERNEX_MONGO_URL', 'KERNEX_S3_ENDPOINT',
   'KERNEX_S3_ACCESS_KEY', 'KERNEX_S3_SECRET_KEY', 'KERNEX_S3_BUCKET', 'KERNEX_S3_REGION', 'KERNEX_S3_USE_SSL',
   'KERNEX_REDIS_URL', 'KERNEX_LOG_LEVEL', 'KERNEX_HEARTBEAT_FLUSH_MS', 'KERNEX_MAX_BUNDLE_BYTES', 'KERNEX_DOCS_UI',
+  'KERNEX_TLS_CERT', 'KERNEX_TLS_KEY', 'KERNEX_TLS_CA', 'KERNEX_MQTTS_PORT', 'KERNEX_MQTT_WS_PATH',
+  'KERNEX_MQTT_MAX_PACKET_BYTES', 'KERNEX_MQTT_MAX_CONNECTIONS', 'KERNEX_MQTT_MAX_PENDING_CONNECTIONS',
+  'KERNEX_MQTT_CONNECT_TIMEOUT_MS', 'KERNEX_MQTT_DRAIN_TIMEOUT_MS',
+  'KERNEX_REGISTRATION_PROOF', 'KERNEX_REGISTRATION_MAX_SKEW_SECONDS',
 ] as const;
 
-export type ControllerFlags = Partial<ControllerConfig>;
+export type ControllerFlags = Partial<Omit<ControllerConfig, 'broker'>> & { broker?: Partial<BrokerLimits> };
 
 export function loadControllerConfig(flags: ControllerFlags = {}, env: NodeJS.ProcessEnv = process.env): ControllerConfig {
   const logLevel = (flags.logLevel ?? env.KERNEX_LOG_LEVEL ?? 'info').toLowerCase();
@@ -119,5 +193,20 @@ export function loadControllerConfig(flags: ControllerFlags = {}, env: NodeJS.Pr
       512 * 1024 * 1024, 1024, Number.MAX_SAFE_INTEGER),
     inMemoryStore: flags.inMemoryStore ?? false,
     docsUi: flags.docsUi ?? bool(env.KERNEX_DOCS_UI) ?? true,
+    tls: tlsFromEnv(flags, env),
+    mqttsPort: integer('MQTT TLS port (KERNEX_MQTTS_PORT)', flags.mqttsPort ?? env.KERNEX_MQTTS_PORT, 8883, 0, 65535),
+    mqttWsPath: wsPath(flags.mqttWsPath !== undefined ? flags.mqttWsPath : env.KERNEX_MQTT_WS_PATH),
+    broker: brokerLimits(flags.broker, env),
+    registrationProof: registrationProof(flags.registrationProof ?? env.KERNEX_REGISTRATION_PROOF),
+    registrationMaxSkewSeconds: integer('KERNEX_REGISTRATION_MAX_SKEW_SECONDS',
+      flags.registrationMaxSkewSeconds ?? env.KERNEX_REGISTRATION_MAX_SKEW_SECONDS, 300, 1, 86_400),
   };
+}
+
+function registrationProof(raw: string | undefined): 'required' | 'optional' {
+  const value = (raw ?? 'required').toLowerCase();
+  if (value !== 'required' && value !== 'optional') {
+    throw new ConfigError(`KERNEX_REGISTRATION_PROOF must be 'required' or 'optional', got '${raw}'`);
+  }
+  return value;
 }

@@ -14,6 +14,7 @@ import { healthRoutes } from './routes/health.js';
 import { deviceConfigRoutes } from './routes/device-config.js';
 import { rollbackRoutes } from './routes/rollback.js';
 import { registerOpenApi } from './openapi.js';
+import { accessRoutes } from './routes/access.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -24,7 +25,9 @@ declare module 'fastify' {
 /** Who may call a route: a minimum user role, or a device acting for itself. */
 export type Access = 'admin' | 'operator' | 'viewer' | 'device';
 
-const RANK: Record<string, number> = { viewer: 1, integrator: 1, operator: 2, admin: 3 };
+// Integrator credentials are for MQTT (read-only fleet topics); they rank
+// below viewer, so no REST route admits them.
+const RANK: Record<string, number> = { integrator: 0, viewer: 1, operator: 2, admin: 3 };
 
 export function allows(principal: Principal | null, access: Access[]): boolean {
   if (!principal) return false;
@@ -35,20 +38,24 @@ export function allows(principal: Principal | null, access: Access[]): boolean {
 export interface HttpOptions {
   services: Services;
   logger: Logger;
-  mqttPort: number;
-  publicMqttUrl?: string;
+  /** The MQTT URL a registering device is told, given the host name it reached us by. */
+  deviceMqttUrl: (hostname: string) => string;
   maxBundleBytes: number;
   /** Serve Swagger UI at /api/v1/docs. */
   docsUi?: boolean;
+  /** Serve HTTPS with this certificate and key. */
+  https?: { cert: string; key: string };
 }
 
 export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance> {
-  // pino.Logger and fastify's logger type differ only nominally.
+  // pino.Logger and fastify's logger type differ only nominally; the https
+  // variant of fastify's options has its own server type, used the same way.
   const app = Fastify({
     loggerInstance: opts.logger as FastifyBaseLogger,
     bodyLimit: 1024 * 1024,
     trustProxy: true,
-  });
+    ...(opts.https ? { https: opts.https } : {}),
+  }) as unknown as FastifyInstance;
   await app.register(multipart, { limits: { fileSize: opts.maxBundleBytes, files: 1, fields: 8 } });
   // Before the routes: the swagger plugin collects them as they are added.
   await registerOpenApi(app, { ui: opts.docsUi ?? true });
@@ -94,6 +101,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     await deploymentRoutes(api, { ...opts, guard });
     await deviceConfigRoutes(api, { ...opts, guard });
     await rollbackRoutes(api, { ...opts, guard });
+    await accessRoutes(api, { ...opts, guard });
   }, { prefix: '/api/v1' });
   return app;
 }

@@ -22,6 +22,11 @@ export interface Controller {
   readonly mqttUrl: string;
   readonly httpPort: number;
   readonly mqttPort: number;
+  /** MQTT over TLS, when TLS is configured. */
+  readonly mqttsPort: number | null;
+  readonly mqttsUrl: string | null;
+  /** MQTT over WebSocket (wss:// with TLS), or null when disabled. */
+  readonly wsUrl: string | null;
   readonly credentialsFile: string;
   readonly services: Services;
   readonly broker: Broker;
@@ -42,22 +47,28 @@ export async function startController(config: ControllerConfig, logger: Logger):
   // services through this late-bound reference.
   let services!: Services;
   const broker = await createBroker(
-    { persistence: config.redisUrl ? { kind: 'redis', url: config.redisUrl } : { kind: 'memory' } },
+    { persistence: config.redisUrl ? { kind: 'redis', url: config.redisUrl } : { kind: 'memory' }, limits: config.broker },
     {
       authenticate: (...a) => hooks.authenticate(...a),
       deviceMessage: (...a) => hooks.deviceMessage(...a),
       clientReady: (...a) => hooks.clientReady?.(...a),
       clientGone: (...a) => hooks.clientGone?.(...a),
       subscribed: (...a) => hooks.subscribed?.(...a),
+      revoked: (...a) => hooks.revoked?.(...a),
     },
     logger.child({ component: 'broker' }),
   );
   const publisher = createFleetPublisher(broker, logger);
   services = createServices({
     repos, blobs, publisher, logger, heartbeatFlushMs: config.heartbeatFlushMs, maxBundleBytes: config.maxBundleBytes,
+    registrationProof: { policy: config.registrationProof, maxSkewSeconds: config.registrationMaxSkewSeconds },
+    announceRevocation: (r) => broker.announceRevocation(r),
   });
+  if (config.registrationProof === 'optional') {
+    logger.warn('KERNEX_REGISTRATION_PROOF=optional: devices may register without proving they hold their private key');
+  }
   const hooks = createBrokerHooks({
-    devices: services.devices, deployments: services.deployments, tokens: services.tokens,
+    devices: services.devices, deployments: services.deployments, tokens: services.tokens, access: services.access,
     logger: logger.child({ component: 'mqtt' }), counters,
   });
   await services.devices.start(!config.redisUrl);
@@ -67,21 +78,31 @@ export async function startController(config: ControllerConfig, logger: Logger):
 
   let app: FastifyInstance | undefined;
   try {
+    const tls = config.tls ? { cert: config.tls.ca ? `${config.tls.cert}\n${config.tls.ca}` : config.tls.cert, key: config.tls.key } : undefined;
     const mqttAddress = await broker.listenTcp(config.mqttPort, config.mqttHost);
+    const mqttsAddress = tls ? await broker.listenTls(config.mqttsPort, config.mqttHost, tls) : null;
+    // What devices are told at registration: TLS when the controller has a certificate.
+    const deviceMqttUrl = (hostname: string) =>
+      config.publicMqttUrl ??
+      (mqttsAddress ? `mqtts://${hostname}:${mqttsAddress.port}` : `mqtt://${hostname}:${mqttAddress.port}`);
     app = await createHttpApp({
-      services, logger, mqttPort: mqttAddress.port, publicMqttUrl: config.publicMqttUrl, maxBundleBytes: config.maxBundleBytes,
-      docsUi: config.docsUi,
+      services, logger, deviceMqttUrl, maxBundleBytes: config.maxBundleBytes, https: tls, docsUi: config.docsUi,
     });
+    if (config.mqttWsPath) broker.attachWebSocket(app.server, config.mqttWsPath);
     await app.listen({ port: config.httpPort, host: config.httpHost });
     const httpPort = (app.server.address() as { port: number }).port;
-    const httpUrl = config.publicHttpUrl ?? `http://${hostFor(config.httpHost)}:${httpPort}`;
+    const scheme = tls ? 'https' : 'http';
+    const httpUrl = config.publicHttpUrl ?? `${scheme}://${hostFor(config.httpHost)}:${httpPort}`;
     const mqttUrl = config.publicMqttUrl ?? `mqtt://${hostFor(config.mqttHost)}:${mqttAddress.port}`;
-    const { file } = await services.tokens.bootstrap(config.dataDir, { server: httpUrl, mqtt: mqttUrl });
+    const mqttsUrl = mqttsAddress ? `mqtts://${hostFor(config.mqttHost)}:${mqttsAddress.port}` : null;
+    const wsUrl = config.mqttWsPath ? `${tls ? 'wss' : 'ws'}://${hostFor(config.httpHost)}:${httpPort}${config.mqttWsPath}` : null;
+    const { file } = await services.tokens.bootstrap(config.dataDir, { server: httpUrl, mqtt: mqttsUrl ?? mqttUrl });
 
     let stopping: Promise<void> | undefined;
     const httpApp = app;
     return {
       config, httpUrl, mqttUrl, httpPort, mqttPort: mqttAddress.port, credentialsFile: file, services, broker, counters,
+      mqttsPort: mqttsAddress?.port ?? null, mqttsUrl, wsUrl,
       stop() {
         stopping ??= (async () => {
           await httpApp.close();

@@ -21,6 +21,8 @@ export interface DeviceDoc extends StoredDocument {
   hardware_id: string | null;
   metadata: Record<string, unknown> | null;
   revoked_at: string | null;
+  /** Timestamp of the newest registration proof accepted; older ones are refused (replay). */
+  proof_at?: string | null;
   created_at: string;
   updated_at: string;
 }
@@ -114,6 +116,8 @@ export interface TokenDoc extends StoredDocument {
   created_at: string;
   expires_at: string | null;
   revoked_at: string | null;
+  /** Name of the token that created it (null for the bootstrap credentials). */
+  created_by?: string | null;
 }
 
 export interface AuditDoc extends StoredDocument {

@@ -28,14 +28,16 @@ import bundleView from './bundle-view.schema.json' with { type: 'json' };
 import deploymentView from './deployment-view.schema.json' with { type: 'json' };
 import registerResponse from './register-response.schema.json' with { type: 'json' };
 import resultResponse from './result-response.schema.json' with { type: 'json' };
+import tokenRequest from './token-request.schema.json' with { type: 'json' };
 import type {
   BundleManifest, Heartbeat, Command, CommandResult, DeviceConfigMessage, DeviceStatusMessage,
   FleetEvent, RegisterRequest, DeploymentRequest, RollbackRequest, ResultRequest, ConfigUpdate,
   HeartbeatResponse, BundleHistoryEntry, DeviceConfigView, RollbackResponse, ApiErrorBody, DeviceView, BundleView,
-  DeploymentView, RegisterResponse, ResultResponse,
+  DeploymentView, RegisterResponse, ResultResponse, TokenRequest,
 } from './types.js';
 
 export type * from './types.js';
+export { registrationMessage, bundleSignatureMessage } from './messages.js';
 
 /** A payload that does not match its schema; `details` lists every violation. */
 export class SchemaError extends Error {
@@ -128,6 +130,7 @@ export const validate = {
   deploymentView: compile<DeploymentView>(strict, deploymentView),
   registerResponse: compile<RegisterResponse>(strict, registerResponse),
   resultResponse: compile<ResultResponse>(strict, resultResponse),
+  tokenRequest: compile<TokenRequest>(strict, tokenRequest),
 };
 
 /** Parses JSON bytes and validates them; throws SchemaError for either failure. */
@@ -146,5 +149,5 @@ export const schemas = {
   common, manifest, heartbeat, command, result, deviceConfig, deviceStatus, fleetEvent,
   registerRequest, deploymentRequest, rollbackRequest, resultRequest, configUpdate,
   heartbeatResponse, bundleHistoryEntry, deviceConfigView, rollbackResponse, apiError, deviceView, bundleView,
-  deploymentView, registerResponse, resultResponse,
+  deploymentView, registerResponse, resultResponse, tokenRequest,
 };

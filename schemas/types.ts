@@ -430,3 +430,20 @@ export interface RollbackResponse {
   target_device_ids: string[];
   created_at: string;
 }
+
+/**
+ * Body of POST /api/v1/tokens (admin): a new API, integrator or enrollment token.
+ */
+
+export interface TokenRequest {
+  role: "admin" | "operator" | "viewer" | "integrator" | "enrollment";
+  name: string;
+  /**
+   * When the token stops working; absent: never.
+   */
+  expires_at?: string;
+  /**
+   * Alternative to expires_at: lifetime from now.
+   */
+  ttl_seconds?: number;
+}

@@ -1,26 +1,21 @@
 // The REST API as operators and devices use it, including what it refuses:
 // every refusal is a clear {error, message} and changes nothing.
-import { generateKeyPairSync } from 'node:crypto';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { startTestController, type TestController } from './support/controller.js';
 import { packBundle, packWithEntry, scriptBundle } from './support/bundles.js';
+import { deviceKey, registerDevice, type DeviceKey } from './support/devices.js';
 
 let tc: TestController;
-const publicKey = () => generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString();
 
 beforeAll(async () => {
   tc = await startTestController();
 });
 afterAll(async () => tc.stop());
 
-async function register(deviceId: string, key = publicKey()) {
-  const res = await tc.api.withToken(undefined).post('/devices/register', {
-    device_id: deviceId, public_key: key, enrollment_token: tc.creds.enrollment_token,
-  });
-  return { ...res, key };
-}
+// Registration as the earlier system's scenario has it, plus the proof of possession the agent sends.
+const register = (deviceId: string, key: DeviceKey = deviceKey()) => registerDevice(tc.api, deviceId, tc.creds.enrollment_token, key);
 
 async function storedState() {
   const r = tc.controller.services.repos;
@@ -56,7 +51,7 @@ describe('authentication', () => {
 describe('registration', () => {
   test('needs an enrollment token', async () => {
     const before = await storedState();
-    const res = await tc.api.withToken(undefined).post('/devices/register', { device_id: 'no-enroll', public_key: publicKey() });
+    const res = await tc.api.withToken(undefined).post('/devices/register', { device_id: 'no-enroll', public_key: deviceKey().publicKeyPem });
     expect(res).toMatchObject({ status: 401, body: { error: 'enrollment_refused' } });
     expect(await storedState()).toEqual(before);
   });

@@ -6,6 +6,7 @@ import { parseJson, validate, SchemaError } from '../../schemas/index.js';
 import type { DeviceService } from '../services/devices.js';
 import type { DeploymentService } from '../services/deployments.js';
 import type { TokenService } from '../services/tokens.js';
+import type { AccessService } from '../services/access.js';
 
 export interface MessageCounters {
   dropped: number;
@@ -15,10 +16,11 @@ export function createBrokerHooks(deps: {
   devices: DeviceService;
   deployments: DeploymentService;
   tokens: TokenService;
+  access: AccessService;
   logger: Logger;
   counters: MessageCounters;
 }): BrokerHooks {
-  const { devices, deployments, tokens, logger, counters } = deps;
+  const { devices, deployments, tokens, access, logger, counters } = deps;
 
   const drop = (deviceId: string, channel: string, err: SchemaError) => {
     counters.dropped++;
@@ -71,6 +73,10 @@ export function createBrokerHooks(deps: {
 
     clientGone(principal) {
       if (principal.kind === 'device') devices.disconnected(principal.deviceId);
+    },
+
+    revoked(revocation) {
+      access.applyRevocation(revocation);
     },
 
     subscribed(principal, topic) {

@@ -2,6 +2,7 @@
 // the hot path: the latest one per device lives in memory and is written to
 // the store in batches, never one synchronous write per heartbeat.
 import { randomUUID, timingSafeEqual } from 'node:crypto';
+import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import type { Heartbeat, RegisterRequest } from '../../schemas/index.js';
 import type { DeviceDoc, DeviceStatus, Repositories } from '../model.js';
@@ -11,6 +12,7 @@ import type { TokenService } from './tokens.js';
 import { hashToken, newToken } from './tokens.js';
 import { ApiError, conflict, forbidden, notFound } from '../errors.js';
 import { DuplicateKeyError } from '../store/index.js';
+import { parsePublicKey, verifyRegistrationProof, type ProofOptions } from './registration-proof.js';
 
 interface LiveState {
   status: DeviceStatus;
@@ -26,17 +28,38 @@ export interface DeviceServiceOptions {
   flushMs: number;
   /** Seconds without a heartbeat after which an HTTP-polling device is offline. */
   httpOfflineAfterSeconds?: number;
+  /** Registration proof of possession; required unless configured otherwise. */
+  proof?: ProofOptions;
+  /** Device credentials kept in memory (MQTT logins are frequent); least recently used go first. */
+  credentialCacheSize?: number;
 }
 
+const DEVICE_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
+
 const equalHashes = (a: string, b: string) => a.length === b.length && timingSafeEqual(Buffer.from(a), Buffer.from(b));
+
+/** Public keys compared as keys, not as PEM text (line breaks, older documents). */
+function samePublicKey(stored: string, normalized: string): boolean {
+  if (stored === normalized) return true;
+  try {
+    return parsePublicKey(stored).normalized === normalized;
+  } catch {
+    return false;
+  }
+}
 
 export class DeviceService {
   /** Heartbeats and presence not yet written to the store. */
   private pending = new Map<string, LiveState>();
   /** The newest known live state per device (also what is already flushed). */
   private live = new Map<string, LiveState>();
-  private tokenHashes = new Map<string, string | null>();
   private pollingIntervals = new Map<string, number>();
+  /**
+   * Token hash per device id, '' for an id that is unknown or revoked. Keyed by
+   * what a client sends as its MQTT username, so bounded: a flood of made-up
+   * names evicts entries, it cannot grow the map.
+   */
+  private tokenHashes: LRUCache<string, string>;
   private timers: NodeJS.Timeout[] = [];
   private flushing: Promise<void> = Promise.resolve();
   /** Heartbeats accepted since start, and writes that carried them (batches). */
@@ -48,7 +71,11 @@ export class DeviceService {
     private publisher: FleetPublisher,
     private logger: Logger,
     private options: DeviceServiceOptions,
-  ) {}
+  ) {
+    // Unknown names are cached briefly only, so a device registered on another
+    // controller instance can log in here soon after.
+    this.tokenHashes = new LRUCache({ max: options.credentialCacheSize ?? 50_000, ttl: 10 * 60_000 });
+  }
 
   async start(resetMqttPresence: boolean): Promise<void> {
     if (resetMqttPresence) {
@@ -72,25 +99,34 @@ export class DeviceService {
     const enrollment = req.enrollment_token ? await this.tokens.lookup(req.enrollment_token, ['enrollment']) : null;
     if (!enrollment) {
       throw new ApiError(401, 'enrollment_refused',
-        'a valid enrollment_token is required to register; ask an operator for one (kernexctl tokens create --role enrollment)');
+        'a valid enrollment_token is required to register; ask an admin for one (POST /api/v1/tokens with role "enrollment")');
     }
+    const { key, normalized } = parsePublicKey(req.public_key);
+    const proofOptions = this.options.proof ?? { policy: 'required', maxSkewSeconds: 300 };
     const token = newToken('kxd');
     const existing = await this.repos.devices.findOne({ device_id: req.device_id });
     if (existing) {
       if (existing.revoked_at) throw forbidden(`device ${req.device_id} has been revoked`);
-      if (existing.public_key !== req.public_key) {
+      if (!samePublicKey(existing.public_key, normalized)) {
         throw conflict(`device ${req.device_id} is already registered with a different public key`);
       }
-      await this.repos.devices.updateOne({ _id: existing._id }, { $set: { token_hash: hashToken(token), updated_at: now() } });
+      const proofAt = verifyRegistrationProof(req, key, existing.proof_at ?? null, proofOptions);
+      // Conditional on the token seen, so two replays of one request racing cannot both win.
+      const res = await this.repos.devices.updateOne(
+        { _id: existing._id, revoked_at: null, token_hash: existing.token_hash },
+        { $set: { token_hash: hashToken(token), proof_at: proofAt ?? existing.proof_at ?? null, updated_at: now() } },
+      );
+      if (res.matched === 0) throw conflict(`device ${req.device_id} changed during registration; retry`);
       this.tokenHashes.delete(req.device_id);
       return { created: false, device: { ...existing, token_hash: hashToken(token) }, token };
     }
+    const proofAt = verifyRegistrationProof(req, key, null, proofOptions);
     const at = now();
     const device: DeviceDoc = {
-      _id: randomUUID(), device_id: req.device_id, public_key: req.public_key, token_hash: hashToken(token),
+      _id: randomUUID(), device_id: req.device_id, public_key: normalized, token_hash: hashToken(token),
       status: 'offline', connection: null, last_heartbeat: null, current_bundle_version: null, config_version: null,
       uptime: null, metrics: null, hardware_id: req.hardware_id ?? null, metadata: (req.metadata as Record<string, unknown>) ?? null,
-      revoked_at: null, created_at: at, updated_at: at,
+      revoked_at: null, proof_at: proofAt, created_at: at, updated_at: at,
     };
     try {
       await this.repos.devices.insertOne(device);
@@ -100,19 +136,50 @@ export class DeviceService {
       throw err;
     }
     this.tokenHashes.delete(req.device_id);
-    this.logger.info({ deviceId: req.device_id }, 'device registered');
+    this.logger.info({ deviceId: req.device_id, enrollment: enrollment.name }, 'device registered');
     return { created: true, device, token };
+  }
+
+  /**
+   * Revokes a device: its token stops working over REST and MQTT, it may not
+   * register again, and (through `onRevoked`) its MQTT connection is closed.
+   * Returns false when the device was already revoked.
+   */
+  async revoke(deviceId: string): Promise<boolean> {
+    const at = now();
+    const res = await this.repos.devices.updateOne(
+      { device_id: deviceId, revoked_at: null },
+      { $set: { revoked_at: at, token_hash: null, status: 'offline', updated_at: at } },
+    );
+    this.forget(deviceId);
+    if (res.matched === 0) {
+      if (!(await this.exists(deviceId))) throw notFound(`device ${deviceId}`);
+      return false;
+    }
+    const state: LiveState = { ...(this.live.get(deviceId) ?? { last_heartbeat: null, connection: 'mqtt' }), status: 'offline' };
+    this.live.set(deviceId, state);
+    this.pending.delete(deviceId);
+    void this.publishStatus(deviceId, state);
+    this.logger.warn({ deviceId }, 'device revoked');
+    return true;
+  }
+
+  /** Drops what is cached about a device's credentials (after revocation, here or on another instance). */
+  forget(deviceId: string): void {
+    this.tokenHashes.delete(deviceId);
   }
 
   /** True when `token` is the current token of a registered, unrevoked device. */
   async authenticate(deviceId: string, token: string): Promise<boolean> {
+    if (!DEVICE_ID.test(deviceId)) return false;
     let hash = this.tokenHashes.get(deviceId);
     if (hash === undefined) {
       const doc = await this.repos.devices.findOne({ device_id: deviceId });
-      hash = doc && !doc.revoked_at ? doc.token_hash : null;
-      this.tokenHashes.set(deviceId, hash);
+      hash = (doc && !doc.revoked_at && doc.token_hash) || '';
+      // An unknown name is remembered for a short while only.
+      this.tokenHashes.set(deviceId, hash, hash ? undefined : { ttl: 5_000 });
     }
-    return hash !== null && equalHashes(hash, hashToken(token));
+    return hash !== '' && equalHashes(hash, hashToken(token));
   }
 
   /** The device a bearer token belongs to, or null. */

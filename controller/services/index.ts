@@ -1,6 +1,6 @@
 // The controller's services, built once and shared by routes and MQTT handlers.
 import type { Logger } from 'pino';
-import type { Principal } from '../../broker/index.js';
+import type { Principal, Revocation } from '../../broker/index.js';
 import type { Repositories } from '../model.js';
 import type { BlobStore } from '../blobs/index.js';
 import type { FleetPublisher } from '../mqtt/publisher.js';
@@ -11,8 +11,12 @@ import { DeploymentService } from './deployments.js';
 import { HistoryService } from './history.js';
 import { ConfigService } from './configs.js';
 import { RollbackService } from './rollback.js';
+import { AccessService } from './access.js';
+import type { ProofOptions } from './registration-proof.js';
 
-export { TokenService, DeviceService, BundleService, DeploymentService, HistoryService, ConfigService, RollbackService };
+export {
+  TokenService, DeviceService, BundleService, DeploymentService, HistoryService, ConfigService, RollbackService, AccessService,
+};
 
 export interface Services {
   repos: Repositories;
@@ -23,6 +27,7 @@ export interface Services {
   history: HistoryService;
   configs: ConfigService;
   rollbacks: RollbackService;
+  access: AccessService;
   /** A bearer token as an HTTP principal: a device token or an API token. */
   authenticateBearer(token: string): Promise<Principal | null>;
 }
@@ -34,17 +39,23 @@ export function createServices(deps: {
   logger: Logger;
   heartbeatFlushMs: number;
   maxBundleBytes: number;
+  registrationProof?: ProofOptions;
+  /** Tells every controller instance about a revocation (caches, connections). */
+  announceRevocation?: (revocation: Revocation) => Promise<void>;
 }): Services {
   const { repos, blobs, publisher, logger } = deps;
   const tokens = new TokenService(repos, logger);
-  const devices = new DeviceService(repos, tokens, publisher, logger, { flushMs: deps.heartbeatFlushMs });
+  const devices = new DeviceService(repos, tokens, publisher, logger, {
+    flushMs: deps.heartbeatFlushMs, proof: deps.registrationProof,
+  });
   const bundles = new BundleService(repos, blobs, logger, deps.maxBundleBytes);
   const history = new HistoryService(repos, logger);
   const deployments = new DeploymentService(repos, bundles, devices, publisher, logger, history);
   const configs = new ConfigService(repos, publisher, logger, devices);
   const rollbacks = new RollbackService(bundles, devices, history, deployments);
+  const access = new AccessService(repos, tokens, devices, logger, deps.announceRevocation ?? (async () => {}));
   return {
-    repos, tokens, devices, bundles, deployments, history, configs, rollbacks,
+    repos, tokens, devices, bundles, deployments, history, configs, rollbacks, access,
     async authenticateBearer(token) {
       const deviceId = await devices.byToken(token);
       if (deviceId) return { kind: 'device', deviceId };

@@ -3,9 +3,10 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, readFile, writeFile, rename } from 'node:fs/promises';
 import { join } from 'node:path';
+import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import type { Repositories, TokenDoc } from '../model.js';
-import { now } from '../model.js';
+import { now, present } from '../model.js';
 import type { Role } from '../../broker/index.js';
 
 export const hashToken = (token: string): string => createHash('sha256').update(token).digest('hex');
@@ -22,33 +23,42 @@ export interface Credentials {
   created_at: string;
 }
 
+// Tokens are looked up on every request and MQTT login. The cache is keyed by
+// whatever a client presents, so it is bounded (least recently used go first),
+// and an unknown token is remembered only briefly.
 const CACHE_MS = 30_000;
+const UNKNOWN_CACHE_MS = 5_000;
+const CACHE_ENTRIES = 10_000;
 
 export class TokenService {
-  private cache = new Map<string, { doc: TokenDoc | null; at: number }>();
+  private cache = new LRUCache<string, { doc: TokenDoc | null }>({ max: CACHE_ENTRIES, ttl: CACHE_MS });
 
   constructor(private repos: Repositories, private logger: Logger) {}
 
-  async create(role: TokenDoc['role'], name: string, expiresAt: string | null = null): Promise<{ token: string; doc: TokenDoc }> {
+  async create(
+    role: TokenDoc['role'], name: string, expiresAt: string | null = null, createdBy: string | null = null,
+  ): Promise<{ token: string; doc: TokenDoc }> {
     const token = newToken(role === 'enrollment' ? 'kxe' : 'kxt');
     const doc: TokenDoc = {
       _id: randomUUID(), token_hash: hashToken(token), role, name,
-      created_at: now(), expires_at: expiresAt, revoked_at: null,
+      created_at: now(), expires_at: expiresAt, revoked_at: null, created_by: createdBy,
     };
     await this.repos.tokens.insertOne(doc);
+    this.logger.info({ tokenId: doc._id, role, name, expiresAt }, 'token created');
     return { token, doc };
   }
 
   /** The live token document for `token`, or null (unknown, revoked, expired). */
   async lookup(token: string, roles?: Array<TokenDoc['role']>): Promise<TokenDoc | null> {
+    if (token.length === 0 || token.length > 512) return null;
     const hash = hashToken(token);
-    const cached = this.cache.get(hash);
     let doc: TokenDoc | null;
-    if (cached && Date.now() - cached.at < CACHE_MS) {
+    const cached = this.cache.get(hash);
+    if (cached) {
       doc = cached.doc;
     } else {
       doc = await this.repos.tokens.findOne({ token_hash: hash });
-      this.cache.set(hash, { doc, at: Date.now() });
+      this.cache.set(hash, { doc }, doc ? undefined : { ttl: UNKNOWN_CACHE_MS });
     }
     if (!doc || doc.revoked_at) return null;
     if (doc.expires_at && doc.expires_at < now()) return null;
@@ -56,10 +66,32 @@ export class TokenService {
     return doc;
   }
 
+  /** Every token, newest first, as the API shows them (never the hash). */
+  async list(): Promise<Record<string, unknown>[]> {
+    const docs = await this.repos.tokens.find({}, { sort: { created_at: -1 } });
+    return docs.map((d) => this.view(d));
+  }
+
+  async get(id: string): Promise<TokenDoc | null> {
+    return this.repos.tokens.findOne({ _id: id });
+  }
+
+  view(doc: TokenDoc): Record<string, unknown> {
+    const expired = doc.expires_at !== null && doc.expires_at < now();
+    return { ...present(doc, ['token_hash']), active: !doc.revoked_at && !expired };
+  }
+
+  /** Revokes a token; false when it was revoked already. Cached lookups are dropped at once. */
   async revoke(id: string): Promise<boolean> {
     const res = await this.repos.tokens.updateOne({ _id: id, revoked_at: null }, { $set: { revoked_at: now() } });
-    this.cache.clear();
+    this.forgetAll();
+    if (res.matched > 0) this.logger.warn({ tokenId: id }, 'token revoked');
     return res.matched > 0;
+  }
+
+  /** Drops every cached lookup (after a revocation here or on another instance). */
+  forgetAll(): void {
+    this.cache.clear();
   }
 
   /**
