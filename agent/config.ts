@@ -15,6 +15,10 @@ export interface AgentConfig {
   deployTimeout: number;
   /** How many successfully deployed bundles stay on disk for rollback. */
   keepBundles: number;
+  /** A CA certificate file (PEM) to trust for HTTPS and MQTT over TLS, e.g. a self-signed controller's. */
+  caFile?: string;
+  /** Public key files or directories: when set, only bundles signed by one of these keys are run. */
+  trustedKeys: string[];
 }
 
 export class AgentConfigError extends Error {}
@@ -24,6 +28,7 @@ const DEVICE_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
 export const AGENT_ENV = [
   'KERNEX_DEVICE_ID', 'KERNEX_SERVER', 'KERNEX_AGENT_MQTT_URL', 'KERNEX_AGENT_DATA_DIR', 'KERNEX_ENROLLMENT_TOKEN',
   'KERNEX_LOG_LEVEL', 'KERNEX_AGENT_POLLING_INTERVAL', 'KERNEX_AGENT_DEPLOY_TIMEOUT', 'KERNEX_AGENT_KEEP_BUNDLES',
+  'KERNEX_AGENT_CA_FILE', 'KERNEX_AGENT_TRUSTED_KEYS',
 ] as const;
 
 function positive(name: string, raw: string | number | undefined, fallback: number): number {
@@ -56,5 +61,9 @@ export function loadAgentConfig(flags: Partial<AgentConfig> = {}, env: NodeJS.Pr
     pollingInterval: positive('polling interval', flags.pollingInterval ?? env.KERNEX_AGENT_POLLING_INTERVAL, 60),
     deployTimeout: positive('deploy timeout', flags.deployTimeout ?? env.KERNEX_AGENT_DEPLOY_TIMEOUT, 300),
     keepBundles: positive('keep bundles', flags.keepBundles ?? env.KERNEX_AGENT_KEEP_BUNDLES, 3),
+    caFile: flags.caFile ?? (env.KERNEX_AGENT_CA_FILE || undefined),
+    // Comma-separated in the environment; the flag may be repeated.
+    trustedKeys: (flags.trustedKeys ?? (env.KERNEX_AGENT_TRUSTED_KEYS ?? '').split(','))
+      .map((k) => k.trim()).filter((k) => k.length > 0).map((k) => resolve(k)),
   };
 }

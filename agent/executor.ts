@@ -4,7 +4,9 @@ import { mkdir, rm, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { BundleCommand, CommandResult } from '../schemas/index.js';
-import { downloadBundle, extractBundle, runScript, sha256File } from './bundle/index.js';
+import {
+  assertTrustedSigner, downloadBundle, extractBundle, runScript, sha256File, verifyBundleSignature, type TrustedKey,
+} from './bundle/index.js';
 import type { StateFile } from './state.js';
 
 export interface ExecutorDeps {
@@ -16,6 +18,10 @@ export interface ExecutorDeps {
   keepBundles: number;
   /** Sends progress and outcomes; resolves when the controller has acknowledged. */
   report: (result: CommandResult) => Promise<void>;
+  /** When non-empty, only bundles signed by one of these keys are extracted. */
+  trustedKeys?: TrustedKey[];
+  /** HTTP client for downloads (carries a configured CA). */
+  fetchImpl?: typeof fetch;
 }
 
 export class CommandExecutor {
@@ -113,6 +119,9 @@ export class CommandExecutor {
     const archive = join(dir, 'bundle.tar.gz');
     const root = join(dir, 'root');
     await progress('received');
+    const trusted = this.deps.trustedKeys ?? [];
+    // Unsigned or signed by an unknown key: refused before anything is downloaded.
+    if (trusted.length > 0) assertTrustedSigner(command.signature, trusted);
 
     // A rollback (or a repeated deploy) reuses the archive on disk when it is intact.
     const intact = await sha256File(archive).then((h) => h === command.sha256, () => false);
@@ -122,8 +131,14 @@ export class CommandExecutor {
       await mkdir(dir, { recursive: true });
       await downloadBundle({
         url: new URL(command.url, this.deps.server).toString(), token: this.deps.state.state.token ?? '',
-        dest: archive, size: command.size, sha256: command.sha256,
+        dest: archive, size: command.size, sha256: command.sha256, fetchImpl: this.deps.fetchImpl,
       });
+    }
+    // The archive on disk now matches command.sha256, so the signature over that digest covers these bytes.
+    if (trusted.length > 0) {
+      await progress('verifying');
+      const signer = verifyBundleSignature(command.sha256, command.signature, trusted);
+      this.deps.logger.info({ deploymentId: command.deployment_id, keyId: signer }, 'bundle signature verified');
     }
     await progress('extracting');
     const manifest = await extractBundle(archive, root);

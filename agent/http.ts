@@ -17,13 +17,15 @@ export interface HttpFallbackOptions {
   deviceId: string;
   token: () => string;
   logger: Logger;
+  /** HTTP client (carries a configured CA); the global fetch by default. */
+  fetchImpl?: typeof fetch;
 }
 
 export class HttpFallback {
   constructor(private opts: HttpFallbackOptions) {}
 
   private async post(path: string, body: unknown, timeoutMs: number): Promise<Response> {
-    return fetch(`${this.opts.server}/api/v1${path}`, {
+    return (this.opts.fetchImpl ?? fetch)(`${this.opts.server}/api/v1${path}`, {
       method: 'POST',
       headers: { 'content-type': 'application/json', authorization: `Bearer ${this.opts.token()}` },
       body: JSON.stringify(body),

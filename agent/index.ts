@@ -1,5 +1,6 @@
 // The device runtime: enrollment, the MQTT connection, heartbeats, and the
 // commands and configuration the controller pushes.
+import { readFile } from 'node:fs/promises';
 import mqtt, { type MqttClient } from 'mqtt';
 import type { Logger } from 'pino';
 import {
@@ -10,7 +11,10 @@ import { StateFile } from './state.js';
 import { loadIdentity, registrationProof } from './identity.js';
 import { CommandExecutor } from './executor.js';
 import { HttpFallback } from './http.js';
+import { createFetch } from './fetch.js';
+import { loadTrustedKeys, type TrustedKey } from './bundle/index.js';
 
+import { AgentConfigError } from './config.js';
 export { loadAgentConfig, AgentConfigError, AGENT_ENV, type AgentConfig } from './config.js';
 
 export interface Agent {
@@ -38,7 +42,7 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 
 export class EnrollmentError extends Error {}
 
-async function enroll(config: AgentConfig, state: StateFile, logger: Logger): Promise<void> {
+async function enroll(config: AgentConfig, state: StateFile, logger: Logger, fetch: typeof globalThis.fetch): Promise<void> {
   if (!config.enrollmentToken) {
     throw new EnrollmentError('this device has no token yet: pass --enrollment-token (or KERNEX_ENROLLMENT_TOKEN) to register it');
   }
@@ -62,9 +66,36 @@ async function enroll(config: AgentConfig, state: StateFile, logger: Logger): Pr
   logger.info({ deviceId: config.deviceId }, 'registered with the controller');
 }
 
+/** Reads the CA file and trusted keys named in the config; a bad path fails the start, it never turns checks off. */
+async function loadTrust(config: AgentConfig): Promise<{ ca?: string; trustedKeys: TrustedKey[] }> {
+  let ca: string | undefined;
+  if (config.caFile) {
+    try {
+      ca = await readFile(config.caFile, 'utf8');
+    } catch (err) {
+      throw new AgentConfigError(`cannot read the CA file ${config.caFile}: ${(err as Error).message}`);
+    }
+    if (!ca.includes('-----BEGIN CERTIFICATE-----')) throw new AgentConfigError(`${config.caFile} holds no PEM certificate`);
+  }
+  let trustedKeys: TrustedKey[] = [];
+  if (config.trustedKeys.length > 0) {
+    try {
+      trustedKeys = await loadTrustedKeys(config.trustedKeys);
+    } catch (err) {
+      throw new AgentConfigError(`cannot load trusted keys: ${(err as Error).message}`);
+    }
+  }
+  return { ca, trustedKeys };
+}
+
 export async function startAgent(config: AgentConfig, logger: Logger): Promise<Agent> {
+  const { ca, trustedKeys } = await loadTrust(config);
+  const httpFetch = createFetch(ca);
+  if (trustedKeys.length > 0) {
+    logger.info({ keys: trustedKeys.map((k) => k.id) }, 'only bundles signed by a trusted key will be run');
+  }
   const state = await StateFile.open(config.dataDir, config.deviceId);
-  if (!state.state.token) await enroll(config, state, logger);
+  if (!state.state.token) await enroll(config, state, logger, httpFetch);
   if (state.state.log_level) logger.level = LOG_LEVELS[state.state.log_level] ?? logger.level;
 
   const started = Date.now();
@@ -86,12 +117,15 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       if (!client) return reject(new Error('not connected'));
       client.publish(topic(config.deviceId, channel), JSON.stringify(payload), { qos }, (err) => (err ? reject(err) : resolve()));
     });
-  const http = new HttpFallback({ server: config.server, deviceId: config.deviceId, token: () => state.state.token ?? '', logger });
+  const http = new HttpFallback({
+    server: config.server, deviceId: config.deviceId, token: () => state.state.token ?? '', logger, fetchImpl: httpFetch,
+  });
 
   // One executor whichever way a command came: its queue and its record of
   // handled commands make a command delivered twice (MQTT and HTTP) run once.
   const executor = new CommandExecutor({
     state, dataDir: config.dataDir, server: config.server, logger, keepBundles: config.keepBundles,
+    trustedKeys, fetchImpl: httpFetch,
     deployTimeout: () => state.state.deploy_timeout ?? config.deployTimeout,
     report: (result: CommandResult) => mqttUp()
       ? withTimeout(publish('results', result, 1), REPORT_TIMEOUT_MS, 'result')
@@ -172,6 +206,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       connectTimeout: 10_000,
       protocolVersion: 4,
       resubscribe: true,
+      ...(ca ? { ca } : {}),
     });
     client = c;
     c.on('connect', () => {
@@ -201,7 +236,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       if ((err.code === 4 || err.code === 5) && !reenrolled && config.enrollmentToken && !stopped) {
         reenrolled = true;
         c.end(true, () => {
-          enroll(config, state, logger).then(connect, (e: Error) => logger.error({ err: e.message }, 're-enrollment failed'));
+          enroll(config, state, logger, httpFetch).then(connect, (e: Error) => logger.error({ err: e.message }, 're-enrollment failed'));
         });
       }
     });

@@ -84,6 +84,11 @@ await yargs(hideBin(process.argv))
       .option('polling-interval', { type: 'number', describe: 'heartbeat seconds until configured [default 60]' })
       .option('deploy-timeout', { type: 'number', describe: 'script timeout seconds until configured [default 300]' })
       .option('keep-bundles', { type: 'number', describe: 'successful bundles kept for rollback [default 3]' })
+      .option('ca-file', { type: 'string', describe: 'CA certificate (PEM) to trust for HTTPS/MQTTS [KERNEX_AGENT_CA_FILE]' })
+      .option('trusted-keys', {
+        type: 'string', array: true,
+        describe: 'public key file or directory; only bundles signed by these keys run (repeatable) [KERNEX_AGENT_TRUSTED_KEYS, comma-separated]',
+      })
       .option('log-level', { type: 'string', describe: 'trace|debug|info|warn|error [KERNEX_LOG_LEVEL]' }),
     async (argv) => {
       let config;
@@ -91,7 +96,8 @@ await yargs(hideBin(process.argv))
         config = loadAgentConfig({
           deviceId: argv.deviceId, server: argv.server, mqttUrl: argv.mqttUrl, dataDir: argv.dataDir,
           enrollmentToken: argv.enrollmentToken, pollingInterval: argv.pollingInterval, deployTimeout: argv.deployTimeout,
-          keepBundles: argv.keepBundles, logLevel: argv.logLevel,
+          keepBundles: argv.keepBundles, logLevel: argv.logLevel, caFile: argv.caFile,
+          trustedKeys: argv.trustedKeys?.flatMap((k) => k.split(',')),
         });
       } catch (err) {
         if (err instanceof AgentConfigError) fail(err.message);
@@ -102,7 +108,7 @@ await yargs(hideBin(process.argv))
       try {
         agent = await startAgent(config, logger);
       } catch (err) {
-        if (err instanceof EnrollmentError) fail(err.message);
+        if (err instanceof EnrollmentError || err instanceof AgentConfigError) fail(err.message);
         if ((err as Error).cause && /fetch failed/.test((err as Error).message)) {
           fail(`cannot reach the controller at ${config.server}: is it running?`);
         }

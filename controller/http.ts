@@ -71,7 +71,11 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
   });
 
   app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, req, reply) => {
-    if (err instanceof ApiError) return reply.code(err.statusCode).send({ error: err.code, message: err.message });
+    if (err instanceof ApiError) {
+      // Refusing an oversized body: close instead of reading the rest of it.
+      if (err.statusCode === 413) reply.header('connection', 'close');
+      return reply.code(err.statusCode).send({ error: err.code, message: err.message });
+    }
     if (err instanceof SchemaError) return reply.code(400).send({ error: 'invalid_request', message: err.message });
     if (err instanceof StoreUnavailableError) {
       req.log.error({ err: err.message }, 'store unavailable');

@@ -35,6 +35,8 @@ export interface BundleDoc extends StoredDocument {
   filename: string;
   manifest: BundleManifest;
   model_name: string | null;
+  /** Detached Ed25519 signature (ed25519:<key id>:<base64>) given at upload, carried in commands. */
+  signature?: string | null;
   created_at: string;
 }
 

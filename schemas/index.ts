@@ -37,7 +37,7 @@ import type {
 } from './types.js';
 
 export type * from './types.js';
-export { registrationMessage, bundleSignatureMessage } from './messages.js';
+export { registrationMessage, bundleSignatureMessage, BUNDLE_SIGNATURE_PATTERN } from './messages.js';
 
 /** A payload that does not match its schema; `details` lists every violation. */
 export class SchemaError extends Error {

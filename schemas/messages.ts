@@ -9,3 +9,6 @@ export const registrationMessage = (deviceId: string, timestamp: string): Buffer
 /** What a bundle signature covers: the archive's sha256 (so every byte of it, manifest included). */
 export const bundleSignatureMessage = (sha256: string): Buffer =>
   Buffer.from(`kernex-bundle:v1:${sha256.toLowerCase()}`);
+
+/** A detached bundle signature: `ed25519:<key id (16 hex)>:<base64 of the 64-byte signature>`. */
+export const BUNDLE_SIGNATURE_PATTERN = /^ed25519:[0-9a-f]{16}:[A-Za-z0-9+/]{86}==$/;

@@ -97,6 +97,9 @@ export interface BundleCommand {
   url: string;
   issued_at: string;
   deploy_timeout?: number;
+  /**
+   * Detached bundle signature, ed25519:<key id>:<base64>, when the bundle was uploaded signed.
+   */
   signature?: string;
 }
 

@@ -8,3 +8,7 @@ export {
   DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, type ExtractLimits, type EntryHeader,
 } from './extract.js';
 export { runScript, OUTPUT_TAIL_BYTES, type RunScriptOptions, type ScriptResult } from './run.js';
+export {
+  signBundleDigest, signBundleFile, verifyBundleSignature, assertTrustedSigner, parseSignature, loadTrustedKeys,
+  generateSigningKey, keyId, BundleSignatureError, SIGNATURE_PATTERN, type TrustedKey,
+} from './signature.js';

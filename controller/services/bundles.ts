@@ -21,7 +21,7 @@ export class BundleService {
   ) {}
 
   /** Stores an uploaded archive; refuses (storing nothing) an invalid or duplicate bundle. */
-  async upload(source: Readable, filename: string): Promise<BundleDoc> {
+  async upload(source: Readable, filename: string, extra: { signature?: string | null } = {}): Promise<BundleDoc> {
     const id = randomUUID();
     const toBlob = new PassThrough();
     const { sink, manifest } = manifestSink();
@@ -38,6 +38,7 @@ export class BundleService {
       source.unpipe();
       source.resume();
       if (err instanceof BlobTooLargeError) {
+        // The rest of the upload is not read: the answer closes the connection.
         throw new ApiError(413, 'bundle_too_large', `bundle exceeds the limit of ${this.maxBytes} bytes`);
       }
       throw err;
@@ -51,7 +52,7 @@ export class BundleService {
     }
     const doc: BundleDoc = {
       _id: id, name: m.name ?? null, version: m.version, sha256: info.sha256, size: info.size,
-      filename, manifest: m, model_name: m.model?.name ?? null, created_at: now(),
+      filename, manifest: m, model_name: m.model?.name ?? null, signature: extra.signature ?? null, created_at: now(),
     };
     try {
       await this.repos.bundles.insertOne(doc);

@@ -94,6 +94,7 @@ export class DeploymentService {
       type: deployment.kind, command_id: deployment._id, deployment_id: deployment._id, bundle_id: bundle._id,
       bundle_version: bundle.version, sha256: bundle.sha256, size: bundle.size,
       url: `/api/v1/bundles/${bundle._id}`, issued_at: deployment.created_at,
+      ...(bundle.signature ? { signature: bundle.signature } : {}),
     };
   }
 

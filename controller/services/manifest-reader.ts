@@ -2,10 +2,25 @@
 // upload is validated without a second read of the stored bytes.
 import { Parser, type ReadEntry } from 'tar';
 import { Writable } from 'node:stream';
+import { createGunzip } from 'node:zlib';
 import { validate, SchemaError, type BundleManifest } from '../../schemas/index.js';
 import { badRequest } from '../errors.js';
 
 const MAX_MANIFEST_BYTES = 64 * 1024;
+
+/**
+ * What an archive may unpack to. The same defaults as the agent's extraction
+ * limits, so a bundle the agent would refuse as a bomb is refused at upload,
+ * and refused from its headers, without inflating it.
+ */
+export interface UnpackLimits {
+  maxUnpackedBytes: number;
+  maxEntries: number;
+}
+export const DEFAULT_UNPACK_LIMITS: UnpackLimits = { maxUnpackedBytes: 512 * 1024 * 1024, maxEntries: 10_000 };
+// Tar framing around file bodies (headers, padding, long names), as the agent allows for.
+const FRAMING_PER_ENTRY = 8 * 1024;
+const FRAMING_SLACK = 1024 * 1024;
 
 const isManifestPath = (p: string) => p === 'manifest.json' || p === './manifest.json';
 
@@ -32,10 +47,14 @@ export function unsafeEntry(entry: { path: string; type: string; linkpath?: stri
  * has been read to its end, with the validated manifest or an ApiError(400)
  * saying what is wrong with the bundle.
  */
-export function manifestSink(): { sink: Writable; manifest: Promise<BundleManifest> } {
+export function manifestSink(limits: UnpackLimits = DEFAULT_UNPACK_LIMITS): { sink: Writable; manifest: Promise<BundleManifest> } {
   let raw: Buffer | null = null;
   let problem: string | null = null;
   let first = true;
+  let entries = 0;
+  let unpacked = 0;
+  let inflated = 0;
+  const inflateCap = limits.maxUnpackedBytes + limits.maxEntries * FRAMING_PER_ENTRY + FRAMING_SLACK;
   let settle!: (m: BundleManifest) => void;
   let fail!: (e: Error) => void;
   const manifest = new Promise<BundleManifest>((res, rej) => {
@@ -49,6 +68,12 @@ export function manifestSink(): { sink: Writable; manifest: Promise<BundleManife
     onReadEntry(entry: ReadEntry) {
       const unsafe = unsafeEntry(entry);
       if (unsafe) problem ??= `unsafe bundle: ${unsafe}`;
+      entries++;
+      unpacked += entry.size ?? 0;
+      if (entries > limits.maxEntries) problem ??= `the archive has more than ${limits.maxEntries} entries`;
+      if (unpacked > limits.maxUnpackedBytes) {
+        problem ??= `the archive unpacks to more than ${limits.maxUnpackedBytes} bytes (at entry '${entry.path}')`;
+      }
       if (!isManifestPath(entry.path) || entry.type !== 'File') return entry.resume();
       if (entry.size > MAX_MANIFEST_BYTES) {
         problem = `manifest.json is larger than ${MAX_MANIFEST_BYTES} bytes`;
@@ -65,6 +90,33 @@ export function manifestSink(): { sink: Writable; manifest: Promise<BundleManife
   });
   let ended = false;
   parser.on('warn', (_code: string, message: string) => (problem ??= `the archive is corrupt (${message})`));
+
+  // Decompressed here rather than inside tar, so the inflated bytes can be
+  // counted: a stream that inflates beyond what its entries explain is a bomb.
+  const gunzip = createGunzip();
+  gunzip.on('data', (d: Buffer) => {
+    if (problem) return;
+    inflated += d.length;
+    if (inflated > inflateCap) {
+      problem = `the archive decompresses to more than ${inflateCap} bytes`;
+      return;
+    }
+    if (!parser.write(d)) {
+      gunzip.pause();
+      parser.once('drain', () => gunzip.resume());
+    }
+  });
+  gunzip.on('end', () => {
+    if (problem) return finish();
+    ended = true;
+    parser.once('end', finish);
+    parser.once('close', finish);
+    parser.end();
+  });
+  gunzip.on('error', (err: Error) => {
+    problem ??= `the archive is corrupt or not a tar.gz (${err.message})`;
+    finish();
+  });
 
   let finished = false;
   const finish = () => {
@@ -87,19 +139,17 @@ export function manifestSink(): { sink: Writable; manifest: Promise<BundleManife
         first = false;
         if (chunk.length < 2 || chunk[0] !== 0x1f || chunk[1] !== 0x8b) problem = 'the upload is not a gzip file (.tar.gz expected)';
       }
-      // After a problem the rest is only drained, so the upload can finish and be discarded.
+      // After a problem the rest is only drained, never inflated, so the upload can finish and be discarded.
       if (problem) return cb();
-      parser.write(chunk) ? cb() : parser.once('drain', () => cb());
+      gunzip.write(chunk) ? cb() : gunzip.once('drain', () => cb());
     },
     final(cb) {
       if (problem) {
         finish();
+        gunzip.destroy();
         return cb();
       }
-      ended = true;
-      parser.once('end', finish);
-      parser.once('close', finish);
-      parser.end();
+      gunzip.end();
       cb();
     },
   });
