@@ -56,7 +56,8 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     trustProxy: true,
     ...(opts.https ? { https: opts.https } : {}),
   }) as unknown as FastifyInstance;
-  await app.register(multipart, { limits: { fileSize: opts.maxBundleBytes, files: 1, fields: 8 } });
+  // One byte over the limit, so the blob store's own meter is what refuses an oversized bundle (413).
+  await app.register(multipart, { limits: { fileSize: opts.maxBundleBytes + 1, files: 1, fields: 8 } });
   // Before the routes: the swagger plugin collects them as they are added.
   await registerOpenApi(app, { ui: opts.docsUi ?? true });
 

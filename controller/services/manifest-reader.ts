@@ -67,16 +67,16 @@ export function manifestSink(limits: UnpackLimits = DEFAULT_UNPACK_LIMITS): { si
     strict: true,
     onReadEntry(entry: ReadEntry) {
       const unsafe = unsafeEntry(entry);
-      if (unsafe) problem ??= `unsafe bundle: ${unsafe}`;
+      if (unsafe) refuse(`unsafe bundle: ${unsafe}`);
       entries++;
       unpacked += entry.size ?? 0;
-      if (entries > limits.maxEntries) problem ??= `the archive has more than ${limits.maxEntries} entries`;
+      if (entries > limits.maxEntries) refuse(`the archive has more than ${limits.maxEntries} entries`);
       if (unpacked > limits.maxUnpackedBytes) {
-        problem ??= `the archive unpacks to more than ${limits.maxUnpackedBytes} bytes (at entry '${entry.path}')`;
+        refuse(`the archive unpacks to more than ${limits.maxUnpackedBytes} bytes (at entry '${entry.path}')`);
       }
       if (!isManifestPath(entry.path) || entry.type !== 'File') return entry.resume();
       if (entry.size > MAX_MANIFEST_BYTES) {
-        problem = `manifest.json is larger than ${MAX_MANIFEST_BYTES} bytes`;
+        refuse(`manifest.json is larger than ${MAX_MANIFEST_BYTES} bytes`);
         return entry.resume();
       }
       const chunks: Buffer[] = [];
@@ -85,11 +85,11 @@ export function manifestSink(limits: UnpackLimits = DEFAULT_UNPACK_LIMITS): { si
     },
   });
   parser.on('error', (err: Error) => {
-    problem ??= `the archive is corrupt or not a tar.gz (${err.message})`;
+    refuse(`the archive is corrupt or not a tar.gz (${err.message})`);
     if (ended) finish();
   });
   let ended = false;
-  parser.on('warn', (_code: string, message: string) => (problem ??= `the archive is corrupt (${message})`));
+  parser.on('warn', (_code: string, message: string) => refuse(`the archive is corrupt (${message})`));
 
   // Decompressed here rather than inside tar, so the inflated bytes can be
   // counted: a stream that inflates beyond what its entries explain is a bomb.
@@ -98,7 +98,7 @@ export function manifestSink(limits: UnpackLimits = DEFAULT_UNPACK_LIMITS): { si
     if (problem) return;
     inflated += d.length;
     if (inflated > inflateCap) {
-      problem = `the archive decompresses to more than ${inflateCap} bytes`;
+      refuse(`the archive decompresses to more than ${inflateCap} bytes`);
       return;
     }
     if (!parser.write(d)) {
@@ -114,9 +114,24 @@ export function manifestSink(limits: UnpackLimits = DEFAULT_UNPACK_LIMITS): { si
     parser.end();
   });
   gunzip.on('error', (err: Error) => {
-    problem ??= `the archive is corrupt or not a tar.gz (${err.message})`;
+    refuse(`the archive is corrupt or not a tar.gz (${err.message})`);
     finish();
   });
+
+  // A write waiting for gunzip to drain; released when a problem makes the rest moot.
+  let waiting: (() => void) | null = null;
+  const release = () => {
+    const cb = waiting;
+    waiting = null;
+    cb?.();
+  };
+  /** Records the first problem; from then on bytes are drained, so nothing may stay blocked. */
+  function refuse(why: string): void {
+    problem ??= why;
+    gunzip.resume();
+    release();
+  }
+
 
   let finished = false;
   const finish = () => {
@@ -137,11 +152,13 @@ export function manifestSink(limits: UnpackLimits = DEFAULT_UNPACK_LIMITS): { si
     write(chunk: Buffer, _enc, cb) {
       if (first) {
         first = false;
-        if (chunk.length < 2 || chunk[0] !== 0x1f || chunk[1] !== 0x8b) problem = 'the upload is not a gzip file (.tar.gz expected)';
+        if (chunk.length < 2 || chunk[0] !== 0x1f || chunk[1] !== 0x8b) refuse('the upload is not a gzip file (.tar.gz expected)');
       }
       // After a problem the rest is only drained, never inflated, so the upload can finish and be discarded.
       if (problem) return cb();
-      gunzip.write(chunk) ? cb() : gunzip.once('drain', () => cb());
+      if (gunzip.write(chunk)) return cb();
+      waiting = cb;
+      gunzip.once('drain', release);
     },
     final(cb) {
       if (problem) {
