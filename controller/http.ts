@@ -4,7 +4,7 @@ import multipart from '@fastify/multipart';
 import type { Logger } from 'pino';
 import { SchemaError } from '../schemas/index.js';
 import type { Principal } from '../broker/index.js';
-import { ApiError, forbidden, unauthorized } from './errors.js';
+import { ApiError, badRequest, forbidden, unauthorized } from './errors.js';
 import { StoreUnavailableError } from './store/index.js';
 import type { Services } from './services/index.js';
 import { deviceRoutes } from './routes/devices.js';
@@ -62,6 +62,12 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
   await registerOpenApi(app, { ui: opts.docsUi ?? true });
 
   app.decorateRequest('principal', null);
+  // Query parameters are flat names; `status[$ne]=x` or `$where=...` is an attempt at a query operator.
+  app.addHook('onRequest', async (req) => {
+    for (const name of Object.keys((req.query ?? {}) as object)) {
+      if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) throw badRequest(`query parameter '${name.slice(0, 64)}' is not allowed`);
+    }
+  });
   app.addHook('onRequest', async (req) => {
     const header = req.headers.authorization;
     if (!header) return;
@@ -73,8 +79,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
 
   app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, req, reply) => {
     if (err instanceof ApiError) {
-      // Refusing an oversized body: close instead of reading the rest of it.
-      if (err.statusCode === 413) reply.header('connection', 'close');
+      if (err.statusCode === 413) boundDrain(req);
       return reply.code(err.statusCode).send({ error: err.code, message: err.message });
     }
     if (err instanceof SchemaError) return reply.code(400).send({ error: 'invalid_request', message: err.message });
@@ -109,6 +114,25 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     await accessRoutes(api, { ...opts, guard });
   }, { prefix: '/api/v1' });
   return app;
+}
+
+// After refusing an oversized body, the rest of it is read and discarded for a
+// little while (so the client, still sending, gets to read the answer rather
+// than a connection reset), then the connection is cut.
+const DRAIN_BYTES = 16 * 1024 * 1024;
+const DRAIN_MS = 5_000;
+
+function boundDrain(req: FastifyRequest): void {
+  const raw = req.raw;
+  let drained = 0;
+  const cut = () => raw.socket?.destroy();
+  const timer = setTimeout(cut, DRAIN_MS).unref();
+  raw.on('data', (chunk: Buffer) => {
+    drained += chunk.length;
+    if (drained > DRAIN_BYTES) cut();
+  });
+  raw.once('end', () => clearTimeout(timer));
+  raw.once('close', () => clearTimeout(timer));
 }
 
 export type Guard = (...access: Access[]) => (req: FastifyRequest, reply: FastifyReply) => Promise<void>;
