@@ -16,6 +16,8 @@ export interface ConnectionStats {
   evicted: number;
   /** Closed because a packet declared more than `maxPacketBytes`. */
   oversized: number;
+  /** Closed because they stopped reading and `maxOutboundBytes` piled up for them. */
+  slow: number;
 }
 
 export class PacketTooLargeError extends Error {
@@ -82,11 +84,31 @@ export class FrameScanner {
  * through unchanged, with backpressure both ways, and the connection is
  * destroyed with PacketTooLargeError when a packet declares too much.
  */
+export class SlowConsumerError extends Error {
+  readonly code = 'slow_consumer';
+  constructor(readonly buffered: number) {
+    super(`client stopped reading: ${buffered} bytes waiting to be sent`);
+    this.name = 'SlowConsumerError';
+  }
+}
+
+export interface GuardLimits {
+  maxPacketBytes: number;
+  /** Bytes that may wait in the socket for a client that does not read; beyond, it is dropped. */
+  maxOutboundBytes: number;
+}
+
 export class GuardedConnection extends Duplex {
   private readonly scanner: FrameScanner;
 
-  constructor(readonly inner: Duplex, maxPacketBytes: number, onOversize: (err: PacketTooLargeError) => void) {
+  constructor(
+    readonly inner: Duplex,
+    private readonly limits: GuardLimits,
+    onOversize: (err: PacketTooLargeError) => void,
+    private readonly onSlow: (err: SlowConsumerError) => void,
+  ) {
     super({ allowHalfOpen: false });
+    const maxPacketBytes = limits.maxPacketBytes;
     this.scanner = new FrameScanner(maxPacketBytes);
     inner.on('data', (chunk: Buffer) => {
       const declared = this.scanner.scan(chunk);
@@ -108,10 +130,21 @@ export class GuardedConnection extends Duplex {
     this.inner.resume();
   }
 
+  /**
+   * Writes never hold Aedes up: a message for a client that stopped reading
+   * would otherwise keep every other subscriber of it waiting. What cannot be
+   * sent yet waits in the socket, up to `maxOutboundBytes`; past that the
+   * client is dropped (it reconnects and its persistent session resumes).
+   */
   override _write(chunk: Buffer, encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    if (this.inner.write(chunk, encoding)) return callback();
-    // A subscriber that stops reading holds this callback; Aedes' drain timeout then drops it.
-    this.inner.once('drain', () => callback());
+    this.inner.write(chunk, encoding);
+    const buffered = this.inner.writableLength;
+    if (buffered > this.limits.maxOutboundBytes) {
+      const err = new SlowConsumerError(buffered);
+      this.onSlow(err);
+      this.destroy(err);
+    }
+    callback();
   }
 
   override _final(callback: (error?: Error | null) => void): void {
@@ -140,7 +173,7 @@ export interface GateOptions {
 export class ConnectionGate {
   private readonly pending = new Set<Duplex>();
   private open = 0;
-  readonly stats = { refused: 0, evicted: 0, oversized: 0 };
+  readonly stats = { refused: 0, evicted: 0, oversized: 0, slow: 0 };
 
   constructor(private readonly options: GateOptions) {}
 

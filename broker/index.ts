@@ -47,6 +47,8 @@ export interface BrokerLimits {
   connectTimeoutMs: number;
   /** Milliseconds a subscriber may leave its socket full before it is dropped. */
   drainTimeoutMs: number;
+  /** Bytes that may wait to be sent to a client that does not read; beyond, it is dropped. */
+  maxOutboundBytes: number;
 }
 
 export const DEFAULT_BROKER_LIMITS: BrokerLimits = {
@@ -55,6 +57,7 @@ export const DEFAULT_BROKER_LIMITS: BrokerLimits = {
   maxPendingConnections: 1_000,
   connectTimeoutMs: 10_000,
   drainTimeoutMs: 30_000,
+  maxOutboundBytes: 8 * 1024 * 1024,
 };
 
 export interface BrokerOptions {
@@ -223,16 +226,20 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
 
   /** Every connection, whatever its transport, enters Aedes through here. */
   const accept = (raw: Duplex, req?: IncomingMessage) => {
-    if (!gate.admit(raw)) {
-      logger.warn({ limit: limits.maxConnections }, 'mqtt connection refused: too many connections');
-      raw.destroy();
-      return;
-    }
-    const conn = new GuardedConnection(raw, limits.maxPacketBytes, (err) => {
+    const conn = new GuardedConnection(raw, limits, (err) => {
       gate.stats.oversized++;
       logger.warn({ declared: err.declared, limit: err.limit }, 'mqtt connection closed: packet too large');
+    }, (err) => {
+      gate.stats.slow++;
+      logger.warn({ buffered: err.buffered, limit: limits.maxOutboundBytes }, 'mqtt client dropped: it stopped reading');
     });
     conn.on('error', () => {}); // Aedes reports connection errors itself.
+    // The gate tracks what Aedes sees as the client's connection (preConnect marks it).
+    if (!gate.admit(conn)) {
+      logger.warn({ limit: limits.maxConnections }, 'mqtt connection refused: too many connections');
+      conn.destroy();
+      return;
+    }
     aedes.handle(conn, req);
   };
   const listen = (server: Server, port: number, host?: string) => {

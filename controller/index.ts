@@ -13,7 +13,7 @@ import { createBrokerHooks, type MessageCounters } from './mqtt/handlers.js';
 import { createHttpApp } from './http.js';
 import type { ControllerConfig } from './config.js';
 
-export { loadControllerConfig, ConfigError, CONTROLLER_ENV, type ControllerConfig } from './config.js';
+export { loadControllerConfig, ConfigError, CONTROLLER_ENV, type ControllerConfig, type ControllerFlags } from './config.js';
 export { VERSION } from './version.js';
 
 export interface Controller {

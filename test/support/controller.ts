@@ -3,7 +3,7 @@ import { mkdtemp, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
-import { loadControllerConfig, startController, type Controller, type ControllerConfig } from '../../controller/index.js';
+import { loadControllerConfig, startController, type Controller, type ControllerFlags } from '../../controller/index.js';
 import type { Credentials } from '../../controller/services/tokens.js';
 
 export interface TestController {
@@ -14,7 +14,7 @@ export interface TestController {
   stop(): Promise<void>;
 }
 
-export async function startTestController(overrides: Partial<ControllerConfig> = {}): Promise<TestController> {
+export async function startTestController(overrides: ControllerFlags = {}): Promise<TestController> {
   const dataDir = overrides.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-ctl-')));
   const config = loadControllerConfig(
     // No Swagger UI in-process: its static-file plugin require()s an ES module,

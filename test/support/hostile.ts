@@ -107,6 +107,12 @@ export function connectPacket(clientId: string, username: string, password: stri
   return Buffer.concat([Buffer.from([0x10]), varint(body.length), body]);
 }
 
+/** A SUBSCRIBE packet for one filter at QoS 0. */
+export function subscribePacket(packetId: number, filter: string): Buffer {
+  const body = Buffer.concat([Buffer.from([packetId >> 8, packetId & 0xff]), str(filter), Buffer.from([0])]);
+  return Buffer.concat([Buffer.from([0x82]), varint(body.length), body]);
+}
+
 /** The fixed header of a QoS 0 PUBLISH declaring `length` bytes, with the start of its topic. */
 export function publishHeader(length: number, topic: string): Buffer {
   return Buffer.concat([Buffer.from([0x30]), varint(length), str(topic)]);
