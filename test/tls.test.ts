@@ -117,7 +117,8 @@ describeIf('TLS', () => {
       .catch((err: Error) => {
         throw new Error(`${err.message}\n${agent.output()}`);
       });
-    expect(agent.output()).toMatch(/mqtts:\/\//);
+    // Its log names the URL it connected to (logged just after the broker saw it connect).
+    await waitFor(() => /"mqttUrl":"mqtts:\/\/127\.0\.0\.1:\d+"/.test(agent.output()), 'the agent to log its mqtts:// connection');
     const form = new UndiciFormData();
     form.append('file', new Blob([await packBundle(scriptBundle('1.0.0', '/dev/null'))]), 'b.tar.gz');
     expect((await api('/bundles', { method: 'POST', body: form })).status).toBe(201);
