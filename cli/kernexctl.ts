@@ -47,7 +47,7 @@ process.on('unhandledRejection', crash);
 const GROUPS: Record<string, string[]> = {
   status: [], deploy: [], rollback: [], watch: [], completion: [],
   devices: ['list', 'ls', 'get', 'history'], device: ['list', 'ls', 'get', 'history'],
-  bundles: ['pack', 'upload', 'list', 'ls', 'get'], bundle: ['pack', 'upload', 'list', 'ls', 'get'],
+  bundles: ['pack', 'sign', 'upload', 'list', 'ls', 'get'], bundle: ['pack', 'sign', 'upload', 'list', 'ls', 'get'],
   deployments: ['list', 'ls', 'get', 'wait'], deployment: ['list', 'ls', 'get', 'wait'],
   config: ['get', 'set'],
 };

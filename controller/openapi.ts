@@ -82,14 +82,16 @@ export const ROUTE_DOCS: Record<string, Json> = {
 
   'POST /api/v1/devices/register': {
     tags: ['devices'], summary: 'Register a device (idempotent for the same id and key)', security: [],
-    description: 'Needs an enrollment token. The same device id with the same public key registers again and gets a fresh token ' +
-      '(the old one stops working); another key for an existing id is 409.',
+    description: 'Needs an enrollment token and a proof of possession: `timestamp` (now) and `signature`, the base64 signature ' +
+      'over "kernex-register:<device_id>:<timestamp>" with the private key of `public_key` (at most 300 s off the controller\'s ' +
+      'clock, newer than the last proof for this device). The same device id with the same public key registers again and gets ' +
+      'a fresh token (the old one stops working); another key for an existing id is 409.',
     body: doc(schemas.registerRequest),
     response: {
       200: answer('Registered again (same id and key); a fresh token.', schemas.registerResponse),
       201: answer('Registered.', schemas.registerResponse),
       400: error('Invalid body (e.g. a device id that is not a safe topic segment).'),
-      401: error('No valid enrollment token.'),
+      401: error('No valid enrollment token, or a missing, stale or wrong proof of possession.'),
       403: error('The device has been revoked.'),
       409: error('Another public key already holds this device id.'),
     },
@@ -157,7 +159,15 @@ export const ROUTE_DOCS: Record<string, Json> = {
   'POST /api/v1/bundles': {
     tags: ['bundles'], summary: 'Upload a bundle (.tar.gz with manifest.json)', security: BEARER,
     consumes: ['multipart/form-data'],
-    body: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary', description: 'The bundle archive.' } } },
+    description: 'An optional detached signature (ed25519:<key id>:<base64>, from `kernexctl bundles sign`) goes in the ' +
+      'X-Kernex-Signature header or a `signature` field sent before the file; commands for the bundle carry it.',
+    body: {
+      type: 'object', required: ['file'],
+      properties: {
+        signature: { type: 'string', description: 'Detached Ed25519 signature of the archive (before the file).' },
+        file: { type: 'string', format: 'binary', description: 'The bundle archive.' },
+      },
+    },
     response: {
       201: answer('Stored.', schemas.bundleView),
       400: error('Not a valid bundle (the message says why); nothing is stored.'), ...common,
@@ -179,6 +189,35 @@ export const ROUTE_DOCS: Record<string, Json> = {
       206: { description: 'The requested range.', content: { 'application/octet-stream': { schema: { type: 'string', format: 'binary' } } } },
       302: { description: 'With an S3 backend: a redirect to a short-lived presigned URL.', type: 'null' },
       ...common, 404: error('No such bundle.'), 416: error('The range is outside the bundle.'),
+    },
+  },
+
+  'POST /api/v1/tokens': {
+    tags: ['access'], summary: 'Create an API, integrator or enrollment token (admin)', security: BEARER,
+    description: 'The secret is in this answer only; the controller keeps its hash.',
+    body: doc(schemas.tokenRequest),
+    response: {
+      201: { description: 'The token, with its secret.', type: 'object', required: ['id', 'token', 'role', 'name'],
+        properties: { id: { type: 'string' }, token: { type: 'string' }, role: { type: 'string' }, name: { type: 'string' },
+          expires_at: { type: ['string', 'null'] }, active: { type: 'boolean' } } },
+      400: error('Invalid body (unknown role, expiry in the past).'), ...common,
+    },
+  },
+  'GET /api/v1/tokens': {
+    tags: ['access'], summary: 'List tokens, without their secrets (admin)', security: BEARER,
+    response: { 200: { description: 'Tokens, newest first.', type: 'array', items: { type: 'object' } }, ...common },
+  },
+  'DELETE /api/v1/tokens/:id': {
+    tags: ['access'], summary: 'Revoke a token (admin); its MQTT connections close', security: BEARER, params: idParams('token'),
+    response: { 200: { description: 'The revoked token.', type: 'object' }, ...common, 404: error('No such token.') },
+  },
+  'POST /api/v1/devices/:device_id/revoke': {
+    tags: ['access'], summary: 'Revoke a device: its token stops working and its MQTT connection closes at once', security: BEARER,
+    params: deviceIdParams,
+    response: {
+      200: { description: 'Revoked.', type: 'object', properties: { device_id: { type: 'string' }, revoked: { const: true },
+        revoked_at: { type: 'string' } } },
+      ...common, 404: error('No such device.'),
     },
   },
 

@@ -50,6 +50,10 @@ export interface BundleView {
   filename: string;
   manifest: BundleManifest;
   model_name?: string | null;
+  /**
+   * Detached Ed25519 signature (ed25519:<key id>:<base64>) given at upload; null when unsigned.
+   */
+  signature?: string | null;
   created_at: string;
 }
 /**

@@ -1,7 +1,6 @@
 // Device configuration: the REST API, and what real agents do with it (the
 // heartbeat interval, log level and deploy timeout change at once; a device
 // that was away gets the latest version only).
-import { generateKeyPairSync } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startTestController, waitFor, type TestController } from './support/controller.js';
@@ -12,6 +11,7 @@ import { mosquittoSub } from './support/mosquitto.js';
 import { expectShape } from './support/shapes.js';
 import { validate } from '../schemas/index.js';
 import { topics } from '../broker/index.js';
+import { deviceKey, proof } from './support/devices.js';
 
 let tc: TestController;
 const agents: AgentProcess[] = [];
@@ -24,11 +24,10 @@ afterAll(async () => {
   await tc.stop();
 });
 
-const publicKey = () => generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString();
-
 async function register(deviceId: string): Promise<string> {
+  const key = deviceKey();
   const res = await tc.api.withToken(undefined).post('/devices/register', {
-    device_id: deviceId, public_key: publicKey(), enrollment_token: tc.creds.enrollment_token,
+    device_id: deviceId, public_key: key.publicKeyPem, enrollment_token: tc.creds.enrollment_token, ...proof(key, deviceId),
   });
   expect(res.status).toBe(201);
   return res.body.token as string;

@@ -4,11 +4,11 @@
 // that poll POST /devices/{id}/heartbeat and report with POST
 // /deployments/{id}/result. Test names are the earlier system's. Every answer
 // is also checked against the schema the OpenAPI document shows for it.
-import { generateKeyPairSync } from 'node:crypto';
 import { startTestController, type ApiClient, type TestController } from './support/controller.js';
 import { packBundle, scriptBundle } from './support/bundles.js';
 import { expectShape } from './support/shapes.js';
 import { validate } from '../schemas/index.js';
+import { deviceKey, proof } from './support/devices.js';
 
 let tc: TestController;
 
@@ -17,17 +17,19 @@ beforeAll(async () => {
 });
 afterAll(async () => tc.stop());
 
-const publicKey = () => generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString();
-
-/** A device of the earlier kind: registers, polls, reports over REST. */
+/**
+ * A device of the earlier kind: registers, polls, reports over REST. Its
+ * registration also carries the proof of possession Kernex requires (a
+ * signature over its id and a fresh timestamp with its private key).
+ */
 class PollingDevice {
   api!: ApiClient;
-  readonly key = publicKey();
+  readonly key = deviceKey();
   constructor(readonly id: string) {}
 
   async register() {
     const res = await tc.api.withToken(undefined).post('/devices/register', {
-      device_id: this.id, public_key: this.key, enrollment_token: tc.creds.enrollment_token,
+      device_id: this.id, public_key: this.key.publicKeyPem, enrollment_token: tc.creds.enrollment_token, ...proof(this.key, this.id),
     });
     if (res.status < 300) this.api = tc.api.withToken(res.body.token);
     return res;

@@ -1,7 +1,6 @@
 // The HTTP fallback: a device that cannot hold an MQTT connection gets the
 // same commands in its heartbeat answers and reports over REST; the real
 // agent switches to it by itself when the broker is unreachable.
-import { generateKeyPairSync } from 'node:crypto';
 import { mkdtemp, readFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -12,6 +11,7 @@ import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { packBundle, scriptBundle } from './support/bundles.js';
 import { expectShape } from './support/shapes.js';
 import { validate } from '../schemas/index.js';
+import { registerDevice } from './support/devices.js';
 
 let tc: TestController;
 let work: string;
@@ -105,10 +105,7 @@ test('an HTTP-polling device gets the very command an MQTT device gets, and repo
   agents.push(mqttAgent);
   await waitFor(async () => (await tc.api.get('/devices/push-c')).body.status === 'online', 'push-c online');
 
-  const key = generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString();
-  const reg = await tc.api.withToken(undefined).post('/devices/register', {
-    device_id: 'poll-c', public_key: key, enrollment_token: tc.creds.enrollment_token,
-  });
+  const reg = await registerDevice(tc.api, 'poll-c', tc.creds.enrollment_token);
   const device = tc.api.withToken(reg.body.token);
 
   const watcher = await mqtt.connectAsync(tc.controller.mqttUrl, { clientId: 'watch-cmds', username: 'ops', password: tc.creds.token });

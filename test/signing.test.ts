@@ -14,6 +14,7 @@ import { createPublicKey } from 'node:crypto';
 import { startTestController, waitFor, type TestController } from './support/controller.js';
 import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { packBundle, scriptBundle } from './support/bundles.js';
+import { kernexctl } from './support/kernexctl.js';
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
@@ -116,5 +117,32 @@ describe('an agent with trusted keys', () => {
     expect(existsSync(root)).toBe(false);
     // The device still runs what it ran.
     expect((await tc.api.get('/devices/signed-dev')).body.current_bundle_version).toBe('1.0.0');
+  });
+
+  test('kernexctl bundles sign writes the .sig that upload --signature sends; the agent runs the bundle', async () => {
+    const key = join(work, 'release.pem');
+    await writeFile(key, publisher.privateKeyPem, { mode: 0o600 });
+    const archive = join(work, 'app-3.0.0.tar.gz');
+    const out = join(work, '3.0.0.out');
+    await writeFile(archive, await packBundle(scriptBundle('3.0.0', out)));
+    const env = { KERNEX_SERVER: tc.controller.httpUrl, KERNEX_TOKEN: tc.creds.token };
+    const signed = await kernexctl(['bundles', 'sign', archive, '--key', key, '--json'], { env });
+    expect(signed.code).toBe(0);
+    expect(JSON.parse(signed.stdout)).toMatchObject({ key_id: publisher.keyId, signature_file: `${archive}.sig` });
+    expect((await readFile(`${archive}.sig`, 'utf8')).trim()).toMatch(new RegExp(`^ed25519:${publisher.keyId}:`));
+    const up = await kernexctl(['bundles', 'upload', archive, '--signature', `${archive}.sig`, '--json'], { env });
+    expect(up.code).toBe(0);
+    expect(JSON.parse(up.stdout).signature).toMatch(/^ed25519:/);
+    const created = await tc.api.post('/deployments', { bundle_version: '3.0.0', target_device_ids: ['signed-dev'] });
+    const dep = await waitFor(async () => {
+      const d = (await tc.api.get(`/deployments/${created.body.deployment_id}`)).body;
+      return d.finished_at ? d : null;
+    }, 'the signed deployment', 30_000);
+    expect(dep.status).toBe('success');
+    expect(await readFile(out, 'utf8')).toBe('deploy 3.0.0\n');
+    // A key that is not a key is a usage error naming the fix.
+    const bad = await kernexctl(['bundles', 'sign', archive, '--key', archive], { env });
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toMatch(/not a PEM private key/);
   });
 });

@@ -166,7 +166,9 @@ export class ApiClient {
    * Streams a bundle file as multipart/form-data (never whole in memory),
    * reporting bytes handed to the socket as they go.
    */
-  async upload(file: string, filename: string, onProgress?: (sent: number, total: number) => void): Promise<Bundle> {
+  async upload(
+    file: string, filename: string, onProgress?: (sent: number, total: number) => void, signature?: string,
+  ): Promise<Bundle> {
     const { size } = await stat(file);
     const boundary = `----kernexctl-${randomBytes(12).toString('hex')}`;
     const safeName = filename.replace(/["\r\n\\]/g, '_');
@@ -180,6 +182,8 @@ export class ApiClient {
       ...this.headers(true),
       'content-type': `multipart/form-data; boundary=${boundary}`,
       'content-length': String(head.length + size + tail.length),
+      // A detached Ed25519 signature travels with the bundle, into every command for it.
+      ...(signature ? { 'x-kernex-signature': signature } : {}),
     };
     const started = performance.now();
     const { status, text } = await new Promise<{ status: number; text: string }>((resolve, reject) => {

@@ -1,4 +1,4 @@
-// kernexctl bundles pack | upload | list | get
+// kernexctl bundles pack | sign | upload | list | get
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { lstat, mkdtemp, readdir, readFile, readlink, realpath, rename, rm, stat } from 'node:fs/promises';
@@ -158,8 +158,70 @@ const pack: CommandModule<GlobalArgs, GlobalArgs & { dir: string; output?: strin
   }),
 };
 
+/** Reads a PEM private key file for signing; a usage error names the fix. */
+async function readSigningKey(path: string): Promise<string> {
+  let pem: string;
+  try {
+    pem = await readFile(path, 'utf8');
+  } catch {
+    throw usageError(`cannot read the signing key ${path}; make one with: openssl genpkey -algorithm ed25519 -out ${path}`);
+  }
+  if (!/-----BEGIN (ENCRYPTED )?PRIVATE KEY-----/.test(pem)) throw usageError(`${path} is not a PEM private key (PKCS#8)`);
+  return pem;
+}
+
+/** Signs an archive with an Ed25519 key: the signature line the agent's --trusted-keys check accepts. */
+export async function signArchive(file: string, keyFile: string): Promise<{ sha256: string; signature: string; key_id: string }> {
+  const { signBundleFile, parseSignature } = await import('../../agent/bundle/index.js');
+  const key = await readSigningKey(keyFile);
+  let signed;
+  try {
+    signed = await signBundleFile(file, key);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw usageError(`${file} does not exist; give the .tar.gz to sign`);
+    throw usageError(`cannot sign with ${keyFile}: ${(err as Error).message}`);
+  }
+  return { ...signed, key_id: parseSignature(signed.signature).keyId };
+}
+
+/** A signature given to upload: the line itself, or a .sig file holding it. */
+async function signatureArg(value: string): Promise<string> {
+  const { SIGNATURE_PATTERN } = await import('../../agent/bundle/index.js');
+  if (SIGNATURE_PATTERN.test(value.trim())) return value.trim();
+  let text: string;
+  try {
+    text = (await readFile(value, 'utf8')).trim();
+  } catch {
+    throw usageError(`--signature ${value} is neither a signature line nor a readable .sig file`);
+  }
+  if (!SIGNATURE_PATTERN.test(text)) throw usageError(`${value} does not hold a signature (ed25519:<key id>:<base64>); make one with kernexctl bundles sign`);
+  return text;
+}
+
+const sign: CommandModule<GlobalArgs, GlobalArgs & { file: string; key: string; output?: string }> = {
+  command: 'sign <file>',
+  describe: 'sign a bundle archive with an Ed25519 key (agents started with --trusted-keys run only signed bundles)',
+  builder: (y) => y
+    .positional('file', { type: 'string', demandOption: true, describe: 'the .tar.gz to sign' })
+    .option('key', { alias: 'k', type: 'string', demandOption: true, describe: 'Ed25519 private key (PEM); keep it off the controller' })
+    .option('output', { alias: 'o', type: 'string', describe: 'signature file to write [default: <file>.sig]' })
+    .example('openssl genpkey -algorithm ed25519 -out release.pem', 'make a signing key once')
+    .example('openssl pkey -in release.pem -pubout -out release.pub', 'the public key the agents trust')
+    .example('$0 bundles sign my-app-1.2.0.tar.gz --key release.pem', 'writes my-app-1.2.0.tar.gz.sig')
+    .example('$0 bundles upload my-app-1.2.0.tar.gz --signature my-app-1.2.0.tar.gz.sig', 'upload it signed'),
+  handler: run(async (ctx, argv) => {
+    const signed = await signArchive(resolve(argv.file), argv.key);
+    const out = resolve(argv.output ?? `${argv.file}.sig`);
+    const { writeFile } = await import('node:fs/promises');
+    await writeFile(out, `${signed.signature}\n`);
+    ctx.out.json({ file: resolve(argv.file), signature_file: out, ...signed });
+    ctx.out.id(out);
+    ctx.out.line(`Signed ${shortPath(resolve(argv.file))} (sha256 ${signed.sha256.slice(0, 12)}…) with key ${signed.key_id} → ${shortPath(out)}`);
+  }),
+};
+
 /** Uploads a file (or packs a directory first), with a progress bar on a terminal. */
-export async function uploadBundle(ctx: Context, path: string): Promise<Bundle> {
+export async function uploadBundle(ctx: Context, path: string, signing: { signature?: string; signKey?: string } = {}): Promise<Bundle> {
   let file = resolve(path);
   let temp: string | null = null;
   let st;
@@ -175,6 +237,8 @@ export async function uploadBundle(ctx: Context, path: string): Promise<Bundle> 
     file = packed.file;
   }
   const name = temp ? `${basename(resolve(path))}.tar.gz` : basename(file);
+  let signature = signing.signature ? await signatureArg(signing.signature) : undefined;
+  if (signing.signKey) signature = (await signArchive(file, signing.signKey)).signature;
   const live = ctx.out.liveLine();
   const started = Date.now();
   try {
@@ -182,7 +246,7 @@ export async function uploadBundle(ctx: Context, path: string): Promise<Bundle> 
       const secs = Math.max(0.001, (Date.now() - started) / 1000);
       live.set(`Uploading ${name} ${progressBar(sent, total)} ${formatBytes(sent)}/${formatBytes(total)} ` +
         `${formatBytes(Math.round(sent / secs))}/s`, sent === total);
-    } : undefined);
+    } : undefined, signature);
     live?.done();
     return bundle;
   } catch (err) {
@@ -193,16 +257,19 @@ export async function uploadBundle(ctx: Context, path: string): Promise<Bundle> 
   }
 }
 
-const upload: CommandModule<GlobalArgs, GlobalArgs & { path: string }> = {
+const upload: CommandModule<GlobalArgs, GlobalArgs & { path: string; signature?: string; signKey?: string }> = {
   command: 'upload <path>',
   describe: 'upload a bundle (.tar.gz, or a directory: packed first)',
   builder: (y) => y
     .positional('path', { type: 'string', demandOption: true, describe: 'bundle archive or directory' })
+    .option('signature', { type: 'string', describe: 'its signature: a .sig file from `bundles sign`, or the line itself' })
+    .option('sign-key', { type: 'string', describe: 'sign while uploading with this Ed25519 private key (PEM)' })
+    .conflicts('signature', 'sign-key')
     .example('$0 bundles upload my-app-1.2.0.tar.gz', 'upload an archive')
     .example('$0 bundles upload ./my-app', 'pack and upload in one go')
     .example('ID=$($0 bundles upload ./my-app -q)', 'keep the new bundle id'),
   handler: run(async (ctx, argv) => {
-    const bundle = await uploadBundle(ctx, argv.path);
+    const bundle = await uploadBundle(ctx, argv.path, { signature: argv.signature, signKey: argv.signKey });
     ctx.out.json(bundle);
     ctx.out.id(bundle.id);
     ctx.out.line(`Uploaded ${bundle.name ?? 'bundle'} ${bundle.version} as ${bundle.id} ` +
@@ -265,6 +332,7 @@ const get: CommandModule<GlobalArgs, GlobalArgs & { bundle: string }> = {
       ['File', dash(b.filename)],
       ['Deploy script', dash(manifest.deploy?.script)],
       ['Rollback script', manifest.rollback?.script ?? '(deploy script)'],
+      ['Signature', dash(b.signature)],
       ['Uploaded', dash(b.created_at)],
     ]);
   }),
@@ -272,12 +340,13 @@ const get: CommandModule<GlobalArgs, GlobalArgs & { bundle: string }> = {
 
 export const bundlesCommand: CommandModule<GlobalArgs, GlobalArgs> = {
   command: ['bundles', 'bundle'],
-  describe: 'bundles: pack a directory, upload, list, inspect',
+  describe: 'bundles: pack a directory, sign, upload, list, inspect',
   builder: (y: Argv<GlobalArgs>) => y
     .command(pack)
+    .command(sign)
     .command(upload)
     .command(list)
     .command(get)
-    .demandCommand(1, 'name a bundles command: pack, upload, list or get'),
+    .demandCommand(1, 'name a bundles command: pack, sign, upload, list or get'),
   handler: () => {},
 };

@@ -25,6 +25,8 @@ export interface Bundle {
   sha256: string;
   size: number;
   filename?: string;
+  /** Detached signature given at upload, when the bundle was signed. */
+  signature?: string | null;
   created_at?: string;
   [field: string]: unknown;
 }
