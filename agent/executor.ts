@@ -34,7 +34,10 @@ export class CommandExecutor {
   /** Commands run one at a time, in the order received. */
   enqueue(command: BundleCommand): Promise<void> {
     const id = command.deployment_id;
-    if (this.waiting.has(id)) return this.queue;
+    if (this.waiting.has(id)) {
+      this.deps.logger.debug({ deploymentId: id }, 'duplicate command ignored: already queued or running');
+      return this.queue;
+    }
     this.waiting.add(id);
     this.queue = this.queue.then(() => this.handle(command)).catch((err: Error) =>
       this.deps.logger.error({ err: err.message, deploymentId: id }, 'command handling failed'),

@@ -133,7 +133,12 @@ test('a device offline when the deployment is created runs it when it comes back
   expect(dep.status).toBe('success');
   expect(await readFile(out, 'utf8')).toBe('deploy 4.0.0\n');
 
-  // Deliver the very same command again, as a QoS 1 redelivery or a resend would.
+  // Deliver the very same command again, as a QoS 1 redelivery or a resend would,
+  // once the agent has recorded its outcome as acknowledged.
+  await waitFor(async () => {
+    const st = JSON.parse(await readFile(join(again.dataDir, 'state.json'), 'utf8'));
+    return st.handled[id]?.reported === true && st.in_flight === null;
+  }, 'the agent to record its outcome as reported');
   const bundle = (await tc.api.get('/bundles')).body.find((b: { version: string }) => b.version === '4.0.0');
   await tc.controller.broker.publish(topics.commands('dev-late'), {
     type: 'deploy', command_id: id, deployment_id: id, bundle_id: bundle.id, bundle_version: '4.0.0',
