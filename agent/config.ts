@@ -19,6 +19,8 @@ export interface AgentConfig {
   caFile?: string;
   /** Public key files or directories: when set, only bundles signed by one of these keys are run. */
   trustedKeys: string[];
+  /** Seconds a stopping agent lets a running script finish before ending it. */
+  shutdownGrace: number;
 }
 
 export class AgentConfigError extends Error {}
@@ -29,6 +31,7 @@ export const AGENT_ENV = [
   'KERNEX_DEVICE_ID', 'KERNEX_SERVER', 'KERNEX_AGENT_MQTT_URL', 'KERNEX_AGENT_DATA_DIR', 'KERNEX_ENROLLMENT_TOKEN',
   'KERNEX_LOG_LEVEL', 'KERNEX_AGENT_POLLING_INTERVAL', 'KERNEX_AGENT_DEPLOY_TIMEOUT', 'KERNEX_AGENT_KEEP_BUNDLES',
   'KERNEX_AGENT_CA_FILE', 'KERNEX_AGENT_TRUSTED_KEYS',
+  'KERNEX_AGENT_SHUTDOWN_GRACE',
 ] as const;
 
 function positive(name: string, raw: string | number | undefined, fallback: number): number {
@@ -65,5 +68,6 @@ export function loadAgentConfig(flags: Partial<AgentConfig> = {}, env: NodeJS.Pr
     // Comma-separated in the environment; the flag may be repeated.
     trustedKeys: (flags.trustedKeys ?? (env.KERNEX_AGENT_TRUSTED_KEYS ?? '').split(','))
       .map((k) => k.trim()).filter((k) => k.length > 0).map((k) => resolve(k)),
+    shutdownGrace: positive('shutdown grace', flags.shutdownGrace ?? env.KERNEX_AGENT_SHUTDOWN_GRACE, 10),
   };
 }

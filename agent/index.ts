@@ -13,9 +13,11 @@ import { CommandExecutor } from './executor.js';
 import { HttpFallback } from './http.js';
 import { createFetch } from './fetch.js';
 import { loadTrustedKeys, type TrustedKey } from './bundle/index.js';
+import { pauseHook, PAUSE_ENV } from './pause.js';
 
 import { AgentConfigError } from './config.js';
 export { loadAgentConfig, AgentConfigError, AGENT_ENV, type AgentConfig } from './config.js';
+export { PAUSE_ENV, PAUSE_POINTS, type PausePoint } from './pause.js';
 
 export interface Agent {
   readonly deviceId: string;
@@ -94,6 +96,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   if (trustedKeys.length > 0) {
     logger.info({ keys: trustedKeys.map((k) => k.id) }, 'only bundles signed by a trusted key will be run');
   }
+  const pause = pauseHook(process.env[PAUSE_ENV], config.dataDir, logger);
   const state = await StateFile.open(config.dataDir, config.deviceId);
   if (!state.state.token) await enroll(config, state, logger, httpFetch);
   if (state.state.log_level) logger.level = LOG_LEVELS[state.state.log_level] ?? logger.level;
@@ -130,6 +133,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
     report: (result: CommandResult) => mqttUp()
       ? withTimeout(publish('results', result, 1), REPORT_TIMEOUT_MS, 'result')
       : http.report(result, httpTimeoutMs()),
+    pause,
   });
 
   const heartbeat = (): Heartbeat => ({
@@ -241,6 +245,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       }
     });
     c.on('message', (t, payload) => {
+      if (stopped) return; // re-sent by the controller (commands) or retained (config) for the next start
       try {
         if (t === topic(config.deviceId, 'config')) {
           void applyConfig(parseJson(validate.deviceConfig, payload, 'config'));
@@ -253,22 +258,8 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       }
     });
   };
-  // A deployment interrupted by a restart is reported, not silently dropped.
-  const interrupted = state.state.in_flight;
-  if (interrupted && !state.state.handled[interrupted.command.deployment_id]) {
-    await state.update((s) => {
-      s.handled[interrupted.command.deployment_id] = {
-        result: {
-          command_id: interrupted.command.command_id, deployment_id: interrupted.command.deployment_id, status: 'failed',
-          bundle_version: interrupted.command.bundle_version, reason: 'interrupted',
-          error_message: `the agent stopped during the ${interrupted.phase} phase`, reported_at: new Date().toISOString(),
-        },
-        reported: false,
-        at: new Date().toISOString(),
-      };
-      s.in_flight = null;
-    });
-  }
+  // A command interrupted by a kill or a stop is resumed or reported, never silently dropped.
+  await executor.recover();
 
   connect();
   // Heartbeats start now: over MQTT once connected, over HTTP while it is not.
@@ -281,8 +272,18 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
     async stop() {
       stopped = true;
       clearInterval(heartbeatTimer);
-      await executor.idle();
-      await new Promise<void>((r) => (client ? client.end(false, {}, () => r()) : r()));
+      await executor.stop(config.shutdownGrace * 1000);
+      // A clean DISCONNECT once queued messages are out; forced if the link is down.
+      await new Promise<void>((resolve) => {
+        if (!client) return resolve();
+        const c = client;
+        const force = setTimeout(() => c.end(true, {}, () => resolve()), 2000);
+        c.end(false, {}, () => {
+          clearTimeout(force);
+          resolve();
+        });
+      });
+      logger.info('agent stopped');
     },
   };
 }

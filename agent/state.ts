@@ -17,6 +17,12 @@ export interface InFlight {
   command: BundleCommand;
   phase: NonNullable<CommandResult['phase']>;
   started_at: string;
+  /** Executions started for this command; a restart that finds it here resumes it, a bounded number of times. */
+  attempts?: number;
+  /** The manifest declares the step's script safe to run again (known from the `running` phase on). */
+  idempotent?: boolean;
+  /** The running script's process group, so a restart can end what the killed agent left running. */
+  script?: { pgid: number; start_time: number | null };
 }
 
 export interface AgentState {

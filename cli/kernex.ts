@@ -6,14 +6,24 @@ import { createLogger } from './logger.js';
 import { loadControllerConfig, startController, ConfigError, VERSION } from '../controller/index.js';
 import { loadAgentConfig, startAgent, AgentConfigError, EnrollmentError } from '../agent/index.js';
 
-/** Runs until SIGINT/SIGTERM, then stops cleanly; a second signal forces the exit. */
-function untilSignal(stop: () => Promise<void>, logger: { info: (m: string) => void; error: (o: object, m: string) => void }) {
+/**
+ * Runs until SIGINT/SIGTERM, then stops cleanly and exits 0; a second signal,
+ * or a stop that takes longer than `forceAfterMs`, forces the exit (code 1).
+ */
+function untilSignal(
+  stop: () => Promise<void>,
+  logger: { info: (m: string) => void; error: (o: object, m: string) => void },
+  forceAfterMs = 15_000,
+) {
   let stopping = false;
   const onSignal = (signal: string) => {
     if (stopping) process.exit(130);
     stopping = true;
     logger.info(`${signal} received, shutting down`);
-    const force = setTimeout(() => process.exit(1), 15_000);
+    const force = setTimeout(() => {
+      logger.error({ forceAfterMs }, 'shutdown took too long; exiting anyway');
+      process.exit(1);
+    }, forceAfterMs);
     force.unref();
     stop().then(
       () => process.exit(0),
@@ -89,6 +99,9 @@ await yargs(hideBin(process.argv))
         type: 'string', array: true,
         describe: 'public key file or directory; only bundles signed by these keys run (repeatable) [KERNEX_AGENT_TRUSTED_KEYS, comma-separated]',
       })
+      .option('shutdown-grace', {
+        type: 'number', describe: 'seconds a running script may finish when the agent stops [KERNEX_AGENT_SHUTDOWN_GRACE, default 10]',
+      })
       .option('log-level', { type: 'string', describe: 'trace|debug|info|warn|error [KERNEX_LOG_LEVEL]' }),
     async (argv) => {
       let config;
@@ -97,7 +110,7 @@ await yargs(hideBin(process.argv))
           deviceId: argv.deviceId, server: argv.server, mqttUrl: argv.mqttUrl, dataDir: argv.dataDir,
           enrollmentToken: argv.enrollmentToken, pollingInterval: argv.pollingInterval, deployTimeout: argv.deployTimeout,
           keepBundles: argv.keepBundles, logLevel: argv.logLevel, caFile: argv.caFile,
-          trustedKeys: argv.trustedKeys?.flatMap((k) => k.split(',')),
+          trustedKeys: argv.trustedKeys?.flatMap((k) => k.split(',')), shutdownGrace: argv.shutdownGrace,
         });
       } catch (err) {
         if (err instanceof AgentConfigError) fail(err.message);
@@ -115,7 +128,8 @@ await yargs(hideBin(process.argv))
         throw err;
       }
       logger.info({ deviceId: config.deviceId, dataDir: config.dataDir }, 'agent started');
-      untilSignal(() => agent.stop(), logger);
+      // The grace for a running script, its kill (a few seconds) and the last acknowledgement.
+      untilSignal(() => agent.stop(), logger, config.shutdownGrace * 1000 + 10_000);
     },
   )
   .demandCommand(1, 'name a command: server or agent')

@@ -46,8 +46,8 @@ export interface DownloadOptions {
   /** First backoff delay, doubled on each consecutive failure (with jitter). Default 1000. */
   backoffMs?: number;
   signal?: AbortSignal;
-  /** Bytes of the bundle on disk so far (resumed bytes included). */
-  onProgress?: (bytes: number) => void;
+  /** Bytes of the bundle on disk so far (resumed bytes included); awaited, and a rejection aborts like `signal`. */
+  onProgress?: (bytes: number) => void | Promise<void>;
 }
 
 const MAX_REDIRECTS = 5;
@@ -129,7 +129,7 @@ interface Attempt {
   size: number;
   fetchImpl: typeof fetch;
   signal: AbortSignal | undefined;
-  onProgress: ((bytes: number) => void) | undefined;
+  onProgress: ((bytes: number) => void | Promise<void>) | undefined;
 }
 
 /** One request: appends to (or restarts) the `.part` file; throws DownloadError on trouble. */
@@ -224,7 +224,7 @@ async function writeBody(ctx: Attempt, res: Response, start: number): Promise<vo
         );
       }
       await fh.write(next.value);
-      ctx.onProgress?.(written);
+      await ctx.onProgress?.(written);
     }
   } finally {
     // Leaving early: cancel the stream so the connection is released.

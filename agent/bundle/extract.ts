@@ -43,6 +43,11 @@ export interface ExtractLimits {
   maxEntries?: number;
 }
 
+export interface ExtractHooks {
+  /** Runs once the staging tree is complete and checked, before it replaces the target; throwing aborts. */
+  beforeCommit?: (stagingDir: string) => Promise<void>;
+}
+
 export const DEFAULT_MAX_BYTES = 512 * 1024 * 1024;
 export const DEFAULT_MAX_ENTRIES = 10_000;
 
@@ -73,6 +78,7 @@ export async function extractBundle(
   archive: string,
   targetDir: string,
   limits: ExtractLimits = {},
+  hooks: ExtractHooks = {},
 ): Promise<BundleManifest> {
   const maxBytes = positiveInteger(limits.maxBytes ?? DEFAULT_MAX_BYTES, 'maxBytes');
   const maxEntries = positiveInteger(limits.maxEntries ?? DEFAULT_MAX_ENTRIES, 'maxEntries');
@@ -114,6 +120,7 @@ export async function extractBundle(
     await resolveBundlePath(root, manifest.deploy.script, 'deploy.script');
     if (manifest.rollback) await resolveBundlePath(root, manifest.rollback.script, 'rollback.script');
 
+    await hooks.beforeCommit?.(staging);
     await replaceDir(staging, target);
     staging = undefined;
     return manifest;
@@ -121,6 +128,27 @@ export async function extractBundle(
     await fh.close();
     if (staging !== undefined) await removeTree(staging);
   }
+}
+
+/**
+ * Removes what an extraction into `targetDir` leaves behind when the process is
+ * killed midway: staging trees that were never committed and old trees a swap
+ * did not get to delete. `targetDir` itself is always whole (or absent), since
+ * it only ever appears by a rename. Returns the names removed.
+ */
+export async function removeStaleExtractions(targetDir: string): Promise<string[]> {
+  const target = path.resolve(targetDir);
+  const base = path.basename(target);
+  let names: string[];
+  try {
+    names = await fs.readdir(path.dirname(target));
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return [];
+    throw err;
+  }
+  const stale = names.filter((n) => n.startsWith(`${base}.staging-`) || n.startsWith(`${base}.old-`));
+  for (const name of stale) await removeTree(path.join(path.dirname(target), name));
+  return stale;
 }
 
 /**

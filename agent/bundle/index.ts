@@ -4,10 +4,12 @@ export {
   downloadBundle, sha256File, DownloadError, BundleVerificationError, type DownloadOptions,
 } from './download.js';
 export {
-  extractBundle, resolveBundlePath, EntryPolicy, UnsafeBundleError, BundleFormatError,
-  DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, type ExtractLimits, type EntryHeader,
+  extractBundle, resolveBundlePath, removeStaleExtractions, EntryPolicy, UnsafeBundleError, BundleFormatError,
+  DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, type ExtractLimits, type ExtractHooks, type EntryHeader,
 } from './extract.js';
-export { runScript, OUTPUT_TAIL_BYTES, type RunScriptOptions, type ScriptResult } from './run.js';
+export {
+  runScript, killLeftoverGroup, processStartTime, OUTPUT_TAIL_BYTES, type RunScriptOptions, type ScriptResult,
+} from './run.js';
 export {
   signBundleDigest, signBundleFile, verifyBundleSignature, assertTrustedSigner, parseSignature, loadTrustedKeys,
   generateSigningKey, keyId, BundleSignatureError, SIGNATURE_PATTERN, type TrustedKey,

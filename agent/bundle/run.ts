@@ -17,6 +17,14 @@ export interface RunScriptOptions {
   env?: Record<string, string>;
   /** Output as it arrives, stdout and stderr interleaved. */
   onOutput?: (chunk: string) => void;
+  /**
+   * Called once the script runs, with its pid (= its process group id), e.g. to
+   * record it durably. Awaited before the result is returned; if it throws, the
+   * script's group is killed (a script nobody can track must not run on).
+   */
+  onSpawn?: (pid: number) => Promise<void> | void;
+  /** Aborting ends the script like a timeout does (TERM, then KILL), with `aborted` set. */
+  signal?: AbortSignal;
 }
 
 export interface ScriptResult {
@@ -26,6 +34,8 @@ export interface ScriptResult {
   output_tail: string;
   duration_seconds: number;
   timed_out: boolean;
+  /** Ended because `signal` was aborted. */
+  aborted: boolean;
   signal: string | null;
 }
 
@@ -60,7 +70,17 @@ export async function runScript(opts: RunScriptOptions): Promise<ScriptResult> {
   } else {
     child = await start('/bin/sh', [script], cwd, env);
   }
-  return supervise(child, opts);
+  const result = supervise(child, opts);
+  if (opts.onSpawn) {
+    try {
+      await opts.onSpawn(child.pid as number);
+    } catch (err) {
+      signalGroup(child.pid as number, 'SIGKILL');
+      await result;
+      throw err;
+    }
+  }
+  return result;
 }
 
 function start(command: string, args: string[], cwd: string, env: NodeJS.ProcessEnv): Promise<ChildProcess> {
@@ -91,20 +111,32 @@ async function supervise(child: ChildProcess, opts: RunScriptOptions): Promise<S
   const closed = new Promise<void>((resolve) => child.once('close', () => resolve()));
 
   let timedOut = false;
+  let aborted = false;
   let termSentAt = 0;
   let killTimer: NodeJS.Timeout | undefined;
-  const timer = setTimeout(() => {
-    timedOut = true;
+  const end = () => {
+    if (termSentAt) return;
     termSentAt = Date.now();
     signalGroup(pid, 'SIGTERM');
     // Also covers a script that traps SIGTERM and never exits.
     killTimer = setTimeout(() => signalGroup(pid, 'SIGKILL'), KILL_GRACE_MS);
+  };
+  const timer = setTimeout(() => {
+    timedOut = true;
+    end();
   }, opts.timeoutSeconds * 1000);
+  const onAbort = () => {
+    aborted = true;
+    end();
+  };
+  if (opts.signal?.aborted) onAbort();
+  else opts.signal?.addEventListener('abort', onAbort, { once: true });
 
   const [code, signal] = await exited;
   const duration = (performance.now() - startedAt) / 1000;
   clearTimeout(timer);
-  if (timedOut) {
+  opts.signal?.removeEventListener('abort', onAbort);
+  if (termSentAt) {
     // Children the script left behind (`sleep 1000 &`) are in the same group.
     if (!(await groupGone(pid, termSentAt + KILL_GRACE_MS))) {
       signalGroup(pid, 'SIGKILL');
@@ -125,6 +157,7 @@ async function supervise(child: ChildProcess, opts: RunScriptOptions): Promise<S
     output_tail: tail.text(),
     duration_seconds: Math.round(duration * 1000) / 1000,
     timed_out: timedOut,
+    aborted: aborted && !timedOut,
     signal,
   };
 }
@@ -180,6 +213,44 @@ async function groupGone(pgid: number, deadline: number): Promise<boolean> {
   while (await groupAlive(pgid)) {
     if (Date.now() >= deadline) return false;
     await delay(POLL_MS);
+  }
+  return true;
+}
+
+/**
+ * When the process started, in clock ticks since boot (/proc/<pid>/stat field
+ * 22): with the pid it names one process, even once the pid number is reused.
+ * Null where /proc is not available or the process is gone.
+ */
+export async function processStartTime(pid: number): Promise<number | null> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    // Fields after "(comm) ": state is field 3, starttime field 22.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[19]);
+    return Number.isFinite(ticks) ? ticks : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Ends what is left of a script's process group after the agent itself was
+ * killed (the script runs in its own session, so it outlives the agent). The
+ * group is only signalled when it is provably the one recorded: its leader is
+ * the same process (same start time), or the leader is gone and members are
+ * left (Linux does not reuse a pid while a process group still carries it).
+ * Resolves true when something was killed.
+ */
+export async function killLeftoverGroup(pgid: number, leaderStartTime: number | null): Promise<boolean> {
+  if (!(await groupAlive(pgid))) return false;
+  const leaderNow = await processStartTime(pgid);
+  if (leaderNow !== null && leaderStartTime !== null && leaderNow !== leaderStartTime) return false; // a new process owns the number
+  if (leaderNow !== null && leaderStartTime === null) return false; // cannot prove it is ours
+  signalGroup(pgid, 'SIGTERM');
+  if (!(await groupGone(pgid, Date.now() + KILL_GRACE_MS))) {
+    signalGroup(pgid, 'SIGKILL');
+    await groupGone(pgid, Date.now() + KILL_GRACE_MS);
   }
   return true;
 }

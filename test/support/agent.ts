@@ -10,6 +10,8 @@ export interface AgentProcess {
   deviceId: string;
   dataDir: string;
   child: ChildProcess;
+  /** How the process ended. */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   output(): string;
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
@@ -32,16 +34,18 @@ export async function startAgentProcess(opts: {
   let out = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) =>
+    child.once('exit', (code, signal) => r({ code, signal })));
   return {
     deviceId: opts.deviceId,
     dataDir,
     child,
+    exited,
     output: () => out,
     async stop(signal: NodeJS.Signals = 'SIGTERM') {
       if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
       child.kill(signal);
-      return exited;
+      return (await exited).code;
     },
   };
 }
