@@ -229,7 +229,7 @@ export function toMongoIndex(spec: IndexSpec): { key: Record<string, 1 | -1>; op
   for (const [field, direction] of fields) {
     if (direction !== 1 && direction !== -1) throw new Error(`ensureIndex: direction of "${field}" must be 1 or -1`);
   }
-  return { key: { ...spec.fields }, options: spec.unique ? { unique: true } : {} };
+  return { key: { ...spec.fields }, options: { ...(spec.unique ? { unique: true } : {}), ...(spec.sparse ? { sparse: true } : {}) } };
 }
 
 // Error classes, by name so that matching needs no driver import, whose

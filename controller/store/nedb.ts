@@ -16,14 +16,22 @@
 //   - NeDB's loader does not handle read errors of the datafile (an uncaught
 //     exception), so the file is checked before it is loaded.
 //
-// Limits that remain: one process per data directory (each collection lives
-// in memory, the file is its append-only log); and a write that fails with
-// StoreUnavailableError may still be seen by this process's reads (NeDB
-// updates its cache before appending), but it is not on disk.
+//   - NeDB updates its in-memory cache before it appends to the file, so a
+//     write that fails leaves the cache ahead of the disk; the collection is
+//     then reloaded from its file before the next operation, and a failed
+//     write is never seen by later reads;
+//   - NeDB's append returns once the bytes are in the OS (a SIGKILL of this
+//     process loses nothing acknowledged), but never fsyncs; writes resolve
+//     here only after an fsync of the datafile, shared by all writes that
+//     completed meanwhile (group commit), so an acknowledged write also
+//     survives a power cut.
+//
+// Limit that remains: one process per data directory (each collection lives
+// in memory, the file is its append-only log).
 
 import { randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { access, mkdir, stat } from 'node:fs/promises';
+import { access, mkdir, open, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import nedbModule from '@seald-io/nedb';
@@ -52,6 +60,8 @@ export interface NedbStoreOptions {
   compactEveryMs?: number;
   /** Failures of background compaction; there is no caller to throw them to. */
   onBackgroundError?: (error: StoreUnavailableError) => void;
+  /** fsync the datafile before a write resolves (group commit). Default true. */
+  syncWrites?: boolean;
 }
 
 type Query = Record<string, unknown>;
@@ -76,7 +86,7 @@ interface NedbDatastore {
     options: { multi?: boolean; returnUpdatedDocs?: boolean },
   ): Promise<{ numAffected: number; affectedDocuments: unknown }>;
   removeAsync(query: Query, options: { multi: boolean }): Promise<number>;
-  ensureIndexAsync(options: { fieldName: string | string[]; unique: boolean }): Promise<void>;
+  ensureIndexAsync(options: { fieldName: string | string[]; unique: boolean; sparse: boolean }): Promise<void>;
   compactDatafileAsync(): Promise<void>;
 }
 
@@ -117,7 +127,7 @@ export async function createNedbStore(options: NedbStoreOptions): Promise<Store>
       if (!engine) {
         checkCollectionName(name);
         const filename = inMemory || !dir ? undefined : path.join(dir, `${name}.db`);
-        engine = new CollectionEngine(name, filename, isClosed);
+        engine = new CollectionEngine(name, filename, isClosed, options.syncWrites ?? true);
         engines.set(name, engine);
       }
       return new NedbCollection<T>(engine);
@@ -141,11 +151,15 @@ class CollectionEngine {
   private loaded: NedbDatastore | undefined;
   private tail: Promise<unknown> = Promise.resolve();
   private compaction: Promise<void> | undefined;
+  /** The fsync under way, and the one queued to start after it (group commit). */
+  private syncing: Promise<void> | undefined;
+  private nextSync: Promise<void> | undefined;
 
   constructor(
     readonly name: string,
     private readonly filename: string | undefined,
     private readonly isClosed: () => boolean,
+    private readonly syncWrites: boolean,
   ) {
     this.label = filename ? `collection "${name}" (${filename})` : `in-memory collection "${name}"`;
   }
@@ -162,9 +176,59 @@ class CollectionEngine {
    */
   write<R>(op: (db: NedbDatastore) => PromiseLike<R>): Promise<R> {
     if (this.isClosed()) return Promise.reject(this.closedError());
-    const result = this.tail.then(() => this.run(op));
+    const result = this.tail.then(() => this.runWrite(op));
     this.tail = result.catch(() => undefined);
-    return result;
+    // The fsync happens outside the queue, so writes completing meanwhile share it.
+    return this.syncWrites && this.filename ? result.then(async (value) => (await this.durable(), value)) : result;
+  }
+
+  private async runWrite<R>(op: (db: NedbDatastore) => PromiseLike<R>): Promise<R> {
+    const db = await this.load();
+    try {
+      return await op(db);
+    } catch (error) {
+      const mapped = mapError(error, this.label);
+      if (mapped instanceof StoreUnavailableError) this.forget(db);
+      throw mapped;
+    }
+  }
+
+  /** The cache may hold what the file does not: reload from the file before the next operation. */
+  private forget(db: NedbDatastore): void {
+    if (this.loaded !== db) return;
+    this.loaded = undefined;
+    this.loading = undefined;
+  }
+
+  /** Resolves once an fsync that started after this call has completed. */
+  private durable(): Promise<void> {
+    if (this.nextSync) return this.nextSync;
+    const next = (this.syncing ?? Promise.resolve()).catch(() => undefined).then(() => {
+      this.nextSync = undefined;
+      const run = this.fsync();
+      this.syncing = run;
+      return run.finally(() => {
+        if (this.syncing === run) this.syncing = undefined;
+      });
+    });
+    this.nextSync = next;
+    return next;
+  }
+
+  private async fsync(): Promise<void> {
+    const db = this.loaded;
+    try {
+      const handle = await open(this.filename!, 'r');
+      try {
+        await handle.datasync();
+      } finally {
+        await handle.close();
+      }
+    } catch (error) {
+      // Whether the bytes reached the disk is unknown: start again from what the file holds.
+      if (db) this.forget(db);
+      throw asUnavailable(error, this.label);
+    }
   }
 
   compact(): Promise<void> {
@@ -181,9 +245,10 @@ class CollectionEngine {
     return this.compaction;
   }
 
-  /** Lets queued writes finish, then rewrites the datafile (NeDB fsyncs a compaction; appends it does not). */
+  /** Lets queued writes finish, then rewrites the datafile (NeDB fsyncs a compaction). */
   async flush(): Promise<void> {
     await this.tail;
+    await this.syncing?.catch(() => undefined);
     await this.compaction?.catch(() => undefined);
     await this.compact();
   }
@@ -308,7 +373,7 @@ class NedbCollection<T extends StoredDocument> implements Collection<T> {
     if (fields.length === 0) throw new Error('ensureIndex: an index needs at least one field');
     // NeDB indexes have no direction; sort order does not depend on them.
     const fieldName = fields.length === 1 ? fields[0] : fields;
-    await this.engine.write((db) => db.ensureIndexAsync({ fieldName, unique: spec.unique ?? false }));
+    await this.engine.write((db) => db.ensureIndexAsync({ fieldName, unique: spec.unique ?? false, sparse: spec.sparse ?? false }));
   }
 }
 

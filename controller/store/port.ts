@@ -50,6 +50,12 @@ export interface BulkUpdate {
 export interface IndexSpec {
   fields: Record<string, 1 | -1>;
   unique?: boolean;
+  /**
+   * Documents without the field are left out of the index. For a field only a
+   * few documents carry at a time (set, then unset): the index stays small,
+   * and NeDB does not re-sort one huge bucket of "missing" on every update.
+   */
+  sparse?: boolean;
 }
 
 /** Raised by a backend when a unique index refuses a write. */
