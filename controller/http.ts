@@ -6,6 +6,7 @@ import { SchemaError } from '../schemas/index.js';
 import type { Principal } from '../broker/index.js';
 import { ApiError, badRequest, forbidden, unauthorized } from './errors.js';
 import { StoreUnavailableError } from './store/index.js';
+import { BlobStoreUnavailableError } from './blobs/index.js';
 import type { Services } from './services/index.js';
 import { deviceRoutes } from './routes/devices.js';
 import { bundleRoutes } from './routes/bundles.js';
@@ -85,7 +86,13 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     if (err instanceof SchemaError) return reply.code(400).send({ error: 'invalid_request', message: err.message });
     if (err instanceof StoreUnavailableError) {
       req.log.error({ err: err.message }, 'store unavailable');
-      return reply.code(503).send({ error: 'store_unavailable', message: 'the data store is unavailable; retry shortly' });
+      return reply.code(503).header('retry-after', '5')
+        .send({ error: 'store_unavailable', message: 'the data store is unavailable; retry shortly' });
+    }
+    if (err instanceof BlobStoreUnavailableError) {
+      req.log.error({ err: err.message }, 'bundle store unavailable');
+      return reply.code(503).header('retry-after', '5')
+        .send({ error: 'blob_store_unavailable', message: 'the bundle store is unavailable; retry shortly' });
     }
     if (err.statusCode && err.statusCode < 500) {
       const code = err.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || err.code === 'FST_ERR_CTP_EMPTY_JSON_BODY'

@@ -36,6 +36,15 @@ export class BlobNotFoundError extends Error {
   }
 }
 
+/** The backend cannot be reached or written (disk, permissions, network, S3 5xx); worth a retry later. */
+export class BlobStoreUnavailableError extends Error {
+  readonly code = 'blob_store_unavailable';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'BlobStoreUnavailableError';
+  }
+}
+
 export interface BlobStore {
   /**
    * Streams `data` into the store under `key` while hashing it. Nothing is
