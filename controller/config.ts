@@ -33,6 +33,8 @@ export interface ControllerConfig {
   logLevel: string;
   /** How often coalesced heartbeats are written to the store. */
   heartbeatFlushMs: number;
+  /** How often deployment timeouts are enforced (one query over the states that are due). */
+  sweepIntervalMs: number;
   maxBundleBytes: number;
   /** Embedded store in memory only (tests, demos). */
   inMemoryStore: boolean;
@@ -167,7 +169,7 @@ export const CONTROLLER_ENV = [
   'KERNEX_TLS_CERT', 'KERNEX_TLS_KEY', 'KERNEX_TLS_CA', 'KERNEX_MQTTS_PORT', 'KERNEX_MQTT_WS_PATH',
   'KERNEX_MQTT_MAX_PACKET_BYTES', 'KERNEX_MQTT_MAX_CONNECTIONS', 'KERNEX_MQTT_MAX_PENDING_CONNECTIONS',
   'KERNEX_MQTT_CONNECT_TIMEOUT_MS', 'KERNEX_MQTT_DRAIN_TIMEOUT_MS', 'KERNEX_MQTT_MAX_OUTBOUND_BYTES',
-  'KERNEX_REGISTRATION_PROOF', 'KERNEX_REGISTRATION_MAX_SKEW_SECONDS',
+  'KERNEX_REGISTRATION_PROOF', 'KERNEX_REGISTRATION_MAX_SKEW_SECONDS', 'KERNEX_SWEEP_INTERVAL_MS',
 ] as const;
 
 export type ControllerFlags = Partial<Omit<ControllerConfig, 'broker'>> & { broker?: Partial<BrokerLimits> };
@@ -191,6 +193,7 @@ export function loadControllerConfig(flags: ControllerFlags = {}, env: NodeJS.Pr
     redisUrl: url('KERNEX_REDIS_URL', flags.redisUrl ?? env.KERNEX_REDIS_URL, ['redis:', 'rediss:']),
     logLevel,
     heartbeatFlushMs: integer('KERNEX_HEARTBEAT_FLUSH_MS', flags.heartbeatFlushMs ?? env.KERNEX_HEARTBEAT_FLUSH_MS, 1000, 10, 600_000),
+    sweepIntervalMs: integer('KERNEX_SWEEP_INTERVAL_MS', flags.sweepIntervalMs ?? env.KERNEX_SWEEP_INTERVAL_MS, 5000, 50, 3_600_000),
     maxBundleBytes: integer('KERNEX_MAX_BUNDLE_BYTES', flags.maxBundleBytes ?? env.KERNEX_MAX_BUNDLE_BYTES,
       512 * 1024 * 1024, 1024, Number.MAX_SAFE_INTEGER),
     inMemoryStore: flags.inMemoryStore ?? false,

@@ -41,7 +41,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
   const store: Store = await openStore({ mongoUrl: config.mongoUrl, dataDir: config.dataDir, inMemory: config.inMemoryStore });
   const blobs: BlobStore = await openBlobStore({ dataDir: config.dataDir, s3: config.s3 });
   const repos = await openRepositories(store);
-  const counters: MessageCounters = { dropped: 0 };
+  const counters: MessageCounters = { dropped: 0, ignored: 0, failed: 0 };
 
   // The broker's hooks and the services need each other: the hooks reach the
   // services through this late-bound reference.
@@ -63,6 +63,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     repos, blobs, publisher, logger, heartbeatFlushMs: config.heartbeatFlushMs, maxBundleBytes: config.maxBundleBytes,
     registrationProof: { policy: config.registrationProof, maxSkewSeconds: config.registrationMaxSkewSeconds },
     announceRevocation: (r) => broker.announceRevocation(r),
+    sweepIntervalMs: config.sweepIntervalMs,
   });
   if (config.registrationProof === 'optional') {
     logger.warn('KERNEX_REGISTRATION_PROOF=optional: devices may register without proving they hold their private key');
@@ -75,6 +76,8 @@ export async function startController(config: ControllerConfig, logger: Logger):
   // A broker that keeps retained messages in memory starts empty: give it
   // back every device's latest configuration before devices connect.
   if (!config.redisUrl) await services.configs.republishAll();
+  // Before any device connects: completes what a crash left half-recorded, then enforces timeouts periodically.
+  await services.sweeper.start();
 
   let app: FastifyInstance | undefined;
   try {
@@ -103,19 +106,28 @@ export async function startController(config: ControllerConfig, logger: Logger):
     return {
       config, httpUrl, mqttUrl, httpPort, mqttPort: mqttAddress.port, credentialsFile: file, services, broker, counters,
       mqttsPort: mqttsAddress?.port ?? null, mqttsUrl, wsUrl,
+      // Stop taking work, finish what is under way, flush, then close: HTTP
+      // requests in progress complete (the broker is still up for the commands
+      // they publish); then no more MQTT connections or messages, and the
+      // results being recorded finish before the store closes.
       stop() {
         stopping ??= (async () => {
+          logger.info('controller stopping');
           await httpApp.close();
-          await services.devices.stop();
           await broker.close();
+          await hooks.drain();
+          await services.sweeper.stop();
+          await services.devices.stop();
           await blobs.close();
           await store.close();
+          logger.info('controller stopped');
         })();
         return stopping;
       },
     };
   } catch (err) {
     await app?.close().catch(() => {});
+    await services.sweeper.stop().catch(() => {});
     await services.devices.stop().catch(() => {});
     await broker.close().catch(() => {});
     await store.close().catch(() => {});

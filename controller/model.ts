@@ -44,6 +44,7 @@ export type DeploymentKind = 'deploy' | 'rollback';
 export type DeploymentStatus = 'pending' | 'in_progress' | 'success' | 'failed';
 export type DeviceDeploymentStatus = 'pending' | 'in_progress' | 'success' | 'failed' | 'timed_out';
 export const FINAL_DEVICE_STATUSES: DeviceDeploymentStatus[] = ['success', 'failed', 'timed_out'];
+export const LIVE_DEVICE_STATUSES: DeviceDeploymentStatus[] = ['pending', 'in_progress'];
 
 export interface DeploymentDoc extends StoredDocument {
   kind: DeploymentKind;
@@ -54,8 +55,14 @@ export interface DeploymentDoc extends StoredDocument {
   total: number;
   finished: number;
   succeeded: number;
+  /** Devices that failed, timed-out ones included. */
   failed: number;
+  /** Of the failed, those that gave no final result within `timeout_seconds`. */
+  timed_out?: number;
+  /** Seconds from creation a device has to report its outcome; then it is `timed_out`. */
   timeout_seconds: number | null;
+  /** created_at + timeout_seconds; absent without a timeout (so the sparse index holds only these). */
+  deadline_at?: string;
   created_at: string;
   updated_at: string;
   finished_at: string | null;
@@ -73,11 +80,20 @@ export interface DeviceDeploymentDoc extends StoredDocument {
   exit_code: number | null;
   output_tail: string | null;
   error_message: string | null;
+  /** Why it failed, as the agent says it (`timeout`, `interrupted`, `script_failed`, ...) or `deployment_timeout`. */
+  reason?: string | null;
   created_at: string;
   started_at: string | null;
   finished_at: string | null;
   duration_seconds: number | null;
   updated_at: string;
+  /**
+   * Set in the same write that makes the state final, unset once its history
+   * entry, the device's version and the deployment's completion are written. A
+   * crash or a store failure in between leaves it set, and the device's re-sent
+   * result or the sweeper completes the rest.
+   */
+  finalizing?: boolean;
 }
 
 export type HistoryStatus = 'success' | 'failed' | 'rolled_back';
@@ -160,6 +176,9 @@ export async function openRepositories(store: Store): Promise<Repositories> {
     repos.deployments.ensureIndex({ fields: { created_at: -1 } }),
     repos.deviceDeployments.ensureIndex({ fields: { deployment_id: 1, device_id: 1 } }),
     repos.deviceDeployments.ensureIndex({ fields: { device_id: 1, status: 1 } }),
+    // Finalizations a crash interrupted (few at any time), and deployments whose timeout is due.
+    repos.deviceDeployments.ensureIndex({ fields: { finalizing: 1 }, sparse: true }),
+    repos.deployments.ensureIndex({ fields: { deadline_at: 1 }, sparse: true }),
     repos.bundleHistory.ensureIndex({ fields: { device_id: 1, deployed_at: -1 } }),
     repos.deviceConfigs.ensureIndex({ fields: { device_id: 1 }, unique: true }),
     repos.tokens.ensureIndex({ fields: { token_hash: 1 }, unique: true }),
@@ -168,6 +187,13 @@ export async function openRepositories(store: Store): Promise<Repositories> {
 }
 
 export const now = (): string => new Date().toISOString();
+
+/**
+ * Filter for all per-device states of a deployment: a range of their `_id`s
+ * (`${deployment_id}:${device_id}`), served by the primary index of every
+ * backend, with no index on a field shared by thousands of states.
+ */
+export const statesOf = (deploymentId: string) => ({ _id: { $gte: `${deploymentId}:`, $lt: `${deploymentId};` } });
 
 /** A stored document as the API shows it: `_id` becomes `id`, secrets dropped. */
 export function present<T extends StoredDocument>(doc: T, omit: string[] = []): Record<string, unknown> {

@@ -9,7 +9,17 @@ import type { TokenService } from '../services/tokens.js';
 import type { AccessService } from '../services/access.js';
 
 export interface MessageCounters {
+  /** Invalid payloads (schema), never stored. */
   dropped: number;
+  /** Valid results that changed nothing: unknown deployment, or contradicting a recorded final outcome. */
+  ignored: number;
+  /** Results that could not be recorded (store unavailable): not acknowledged, so the device sends them again. */
+  failed: number;
+}
+
+/** The broker hooks, and a way to wait for the device messages being processed (graceful stop). */
+export interface ControllerBrokerHooks extends BrokerHooks {
+  drain(): Promise<void>;
 }
 
 export function createBrokerHooks(deps: {
@@ -19,8 +29,15 @@ export function createBrokerHooks(deps: {
   access: AccessService;
   logger: Logger;
   counters: MessageCounters;
-}): BrokerHooks {
+}): ControllerBrokerHooks {
   const { devices, deployments, tokens, access, logger, counters } = deps;
+  const inFlight = new Set<Promise<unknown>>();
+  const track = <T>(work: Promise<T>): Promise<T> => {
+    inFlight.add(work);
+    const forget = () => inFlight.delete(work);
+    work.then(forget, forget);
+    return work;
+  };
 
   const drop = (deviceId: string, channel: string, err: SchemaError) => {
     counters.dropped++;
@@ -63,8 +80,21 @@ export function createBrokerHooks(deps: {
         throw err;
       }
       // Awaited before the PUBACK: a result that could not be recorded is not acknowledged.
-      await deployments.recordResult(deviceId, result);
+      let outcome;
+      try {
+        outcome = await track(deployments.recordResult(deviceId, result));
+      } catch (err) {
+        counters.failed++;
+        logger.warn({ deviceId, deploymentId: result.deployment_id, err: (err as Error).message },
+          'result not recorded and not acknowledged; the device sends it again');
+        throw err;
+      }
+      if (outcome === 'unknown' || outcome === 'ignored') counters.ignored++;
       return 'accept';
+    },
+
+    async drain() {
+      while (inFlight.size) await Promise.allSettled([...inFlight]);
     },
 
     clientReady(principal) {

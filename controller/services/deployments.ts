@@ -7,7 +7,7 @@ import type { BundleCommand, CommandResult } from '../../schemas/index.js';
 import type {
   BundleDoc, DeploymentDoc, DeploymentKind, DeviceDeploymentDoc, DeviceDeploymentStatus, HistoryDoc, Repositories,
 } from '../model.js';
-import { FINAL_DEVICE_STATUSES, now, present } from '../model.js';
+import { FINAL_DEVICE_STATUSES, LIVE_DEVICE_STATUSES, now, present, statesOf } from '../model.js';
 import type { FleetPublisher } from '../mqtt/publisher.js';
 import type { BundleService } from './bundles.js';
 import type { DeviceService } from './devices.js';
@@ -21,8 +21,13 @@ export interface CreateDeployment {
   timeoutSeconds?: number;
 }
 
-/** What recording a result did, for the caller's logs and tests. */
-export type RecordOutcome = 'recorded' | 'progress' | 'duplicate' | 'unknown';
+/**
+ * What recording a result did, for the caller's logs and counters: `ignored`
+ * is a result that contradicts the recorded final state (e.g. one arriving
+ * after the device was marked timed_out), `unknown` one for a deployment the
+ * device is not part of.
+ */
+export type RecordOutcome = 'recorded' | 'progress' | 'duplicate' | 'ignored' | 'unknown';
 
 const stateId = (deploymentId: string, deviceId: string) => `${deploymentId}:${deviceId}`;
 
@@ -58,18 +63,26 @@ export class DeploymentService {
     const deployment: DeploymentDoc = {
       _id: randomUUID(), kind: input.kind, bundle_id: input.bundle._id, bundle_version: input.bundle.version,
       target_device_ids: input.targetDeviceIds, status: 'pending', total: input.targetDeviceIds.length,
-      finished: 0, succeeded: 0, failed: 0, timeout_seconds: input.timeoutSeconds ?? null,
+      finished: 0, succeeded: 0, failed: 0, timed_out: 0, timeout_seconds: input.timeoutSeconds ?? null,
       created_at: at, updated_at: at, finished_at: null,
     };
+    if (input.timeoutSeconds) deployment.deadline_at = new Date(Date.parse(at) + input.timeoutSeconds * 1000).toISOString();
     const states: DeviceDeploymentDoc[] = input.targetDeviceIds.map((deviceId) => ({
       _id: stateId(deployment._id, deviceId), deployment_id: deployment._id, device_id: deviceId, kind: input.kind,
       bundle_id: input.bundle._id, bundle_version: input.bundle.version, status: 'pending', phase: null,
-      exit_code: null, output_tail: null, error_message: null, created_at: at, started_at: null, finished_at: null,
+      exit_code: null, output_tail: null, error_message: null, reason: null, created_at: at, started_at: null, finished_at: null,
       duration_seconds: null, updated_at: at,
     }));
     // States first: a deployment is only visible once every target has its state.
-    await this.repos.deviceDeployments.insertMany(states);
-    await this.repos.deployments.insertOne(deployment);
+    try {
+      await this.repos.deviceDeployments.insertMany(states);
+      await this.repos.deployments.insertOne(deployment);
+    } catch (err) {
+      // Nothing half-created stays behind. (Should the cleanup fail too, the states
+      // left have no deployment: never sent, never shown, never timed out.)
+      await this.repos.deviceDeployments.deleteMany(statesOf(deployment._id)).catch(() => {});
+      throw err;
+    }
     this.logger.info({ deploymentId: deployment._id, kind: input.kind, version: input.bundle.version, targets: states.length },
       'deployment created');
     void this.publisher.event({
@@ -100,10 +113,11 @@ export class DeploymentService {
 
   /** Commands this device has not finished, oldest first (for resends and HTTP polling). */
   async pendingCommands(deviceId: string): Promise<BundleCommand[]> {
-    const states = await this.repos.deviceDeployments.find(
-      { device_id: deviceId, status: { $in: ['pending', 'in_progress'] } },
-      { sort: { created_at: 1 } },
-    );
+    // One query per status: an equality on (device_id, status) is served by its
+    // index in every backend, `$in` is not in NeDB (a scan of every state).
+    const states = (await Promise.all(LIVE_DEVICE_STATUSES.map((status) =>
+      this.repos.deviceDeployments.find({ device_id: deviceId, status }))))
+      .flat().sort((a, b) => a.created_at.localeCompare(b.created_at));
     if (!states.length) return [];
     const [deployments, bundles] = await Promise.all([
       this.repos.deployments.find({ _id: { $in: [...new Set(states.map((s) => s.deployment_id))] } }),
@@ -145,7 +159,11 @@ export class DeploymentService {
         { _id: id, status: { $in: ['pending', 'in_progress'] } },
         { $set: { status: 'in_progress', phase: result.phase ?? null, updated_at: at, started_at: state.started_at ?? at } },
       );
-      if (res.matched === 0) return 'duplicate';
+      if (res.matched === 0) {
+        this.logger.debug({ deviceId, deploymentId: result.deployment_id, recorded: state.status },
+          'progress for a finished deployment ignored');
+        return 'ignored';
+      }
       if (state.status === 'pending') {
         await this.repos.deployments.updateOne({ _id: state.deployment_id, status: 'pending' },
           { $set: { status: 'in_progress', updated_at: at } });
@@ -159,60 +177,118 @@ export class DeploymentService {
       {
         $set: {
           status: finalStatus, phase: null, exit_code: result.exit_code ?? null, output_tail: result.output_tail ?? null,
-          error_message: result.error_message ?? null, duration_seconds: result.duration_seconds ?? null,
-          finished_at: at, updated_at: at, started_at: state.started_at ?? at,
+          error_message: result.error_message ?? null, reason: result.reason ?? null, duration_seconds: result.duration_seconds ?? null,
+          finished_at: at, updated_at: at, started_at: state.started_at ?? at, finalizing: true,
         },
       },
     );
-    if (!updated) {
-      // Already final: the device re-sent its outcome. Still make sure the
-      // history and counters exist, in case an earlier attempt stopped halfway.
-      const current = await this.repos.deviceDeployments.findOne({ _id: id });
-      if (current && FINAL_DEVICE_STATUSES.includes(current.status)) {
-        await this.writeHistory(current, current.status === 'success' ? 'success' : 'failed', result);
-      }
-      return 'duplicate';
-    }
-    await this.writeHistory(updated, finalStatus === 'success' ? 'success' : 'failed', result);
-    if (finalStatus === 'success') await this.devices.setBundleVersion(deviceId, state.bundle_version);
-    await this.countFinished(updated);
+    if (!updated) return this.alreadyFinal(deviceId, id, result);
+    await this.finalize([updated], { count: true });
     this.progressEvent(updated, finalStatus, result.error_message ?? null);
     return 'recorded';
   }
 
-  private async writeHistory(state: DeviceDeploymentDoc, status: 'success' | 'failed', result: CommandResult): Promise<void> {
-    const entry: HistoryDoc = {
-      _id: state._id, device_id: state.device_id, bundle_version: state.bundle_version, bundle_id: state.bundle_id,
-      deployment_id: state.deployment_id, kind: state.kind, status, error_message: result.error_message ?? null,
-      deployed_at: state.finished_at ?? now(), duration_seconds: result.duration_seconds ?? null,
-    };
-    await this.history.record(entry);
+  /** A final result for a state that is final already: a re-send, or a late or contradicting report. */
+  private async alreadyFinal(deviceId: string, id: string, result: CommandResult): Promise<RecordOutcome> {
+    const current = await this.repos.deviceDeployments.findOne({ _id: id });
+    if (!current) return 'unknown';
+    // An earlier attempt stopped between the state and its consequences: complete them now.
+    if (current.finalizing) await this.finalize([current], { count: false });
+    if (current.status === result.status) {
+      this.logger.debug({ deviceId, deploymentId: current.deployment_id }, 'duplicate result ignored');
+      return 'duplicate';
+    }
+    this.logger.warn(
+      { deviceId, deploymentId: current.deployment_id, recorded: current.status, reported: result.status },
+      `result for a finished deployment ignored: this device's outcome was recorded as ${current.status}`,
+    );
+    return 'ignored';
   }
 
-  private async countFinished(state: DeviceDeploymentDoc): Promise<void> {
-    const at = now();
-    const dep = await this.repos.deployments.findOneAndUpdate(
-      { _id: state.deployment_id },
-      { $inc: { finished: 1, succeeded: state.status === 'success' ? 1 : 0, failed: state.status === 'success' ? 0 : 1 },
-        $set: { updated_at: at } },
-    );
-    if (!dep) return;
-    if (dep.finished >= dep.total) {
-      const status = dep.failed === 0 ? 'success' : 'failed';
-      const done = await this.repos.deployments.findOneAndUpdate(
-        { _id: dep._id, finished_at: null },
-        { $set: { status, finished_at: at, updated_at: at } },
-      );
-      if (done) {
-        this.logger.info({ deploymentId: dep._id, status, succeeded: dep.succeeded, failed: dep.failed }, 'deployment finished');
-        void this.publisher.event({
-          type: 'deployment.finished', deployment_id: dep._id, kind: dep.kind, bundle_version: dep.bundle_version, status,
-          counts: { total: dep.total, succeeded: dep.succeeded, failed: dep.failed }, at,
-        });
-      }
-    } else if (dep.status === 'pending') {
-      await this.repos.deployments.updateOne({ _id: dep._id, status: 'pending' }, { $set: { status: 'in_progress' } });
+  /**
+   * What follows states becoming final: their history entries, the device's
+   * current version, the deployment's counters and, after the last device,
+   * the deployment's outcome; then the states' `finalizing` mark is removed.
+   * Every step but the counting is idempotent, so a repeat after a crash or a
+   * store failure halfway (`count: false`) changes nothing already done.
+   * Progress counters are incremented once per state in the normal path; a
+   * repair does not increment (it cannot know whether the first attempt did),
+   * and the outcome is counted exactly from the states when the deployment
+   * completes, so a crash can at worst make the progress figures lag a little.
+   */
+  async finalize(states: DeviceDeploymentDoc[], opts: { count: boolean }): Promise<void> {
+    if (!states.length) return;
+    await this.writeHistory(states);
+    for (const s of states) if (s.status === 'success') await this.updateDeviceVersion(s);
+    const byDeployment = new Map<string, DeviceDeploymentDoc[]>();
+    for (const s of states) byDeployment.set(s.deployment_id, [...(byDeployment.get(s.deployment_id) ?? []), s]);
+    for (const [deploymentId, group] of byDeployment) {
+      if (opts.count) await this.countFinished(deploymentId, group);
+      await this.completeIfDone(deploymentId);
     }
+    await this.repos.deviceDeployments.updateMany(
+      { _id: { $in: states.map((s) => s._id) }, finalizing: true },
+      { $unset: { finalizing: true } },
+    );
+  }
+
+  private async writeHistory(states: DeviceDeploymentDoc[]): Promise<void> {
+    const entries: HistoryDoc[] = states.map((state) => ({
+      _id: state._id, device_id: state.device_id, bundle_version: state.bundle_version, bundle_id: state.bundle_id,
+      deployment_id: state.deployment_id, kind: state.kind, status: state.status === 'success' ? 'success' : 'failed',
+      error_message: state.error_message, deployed_at: state.finished_at ?? now(), duration_seconds: state.duration_seconds,
+    }));
+    await this.history.recordMany(entries);
+  }
+
+  /** The device runs this version now, unless a later deployment already succeeded on it (a late report). */
+  private async updateDeviceVersion(state: DeviceDeploymentDoc): Promise<void> {
+    const newest = await this.repos.deviceDeployments.findOne(
+      { device_id: state.device_id, status: 'success' }, { sort: { created_at: -1 } },
+    );
+    if (newest && newest._id !== state._id && newest.created_at > state.created_at) return;
+    await this.devices.setBundleVersion(state.device_id, state.bundle_version);
+  }
+
+  /** Progress figures; once the deployment has finished, its exact counts are final and nothing is added. */
+  private async countFinished(deploymentId: string, states: DeviceDeploymentDoc[]): Promise<void> {
+    const succeeded = states.filter((s) => s.status === 'success').length;
+    const timedOut = states.filter((s) => s.status === 'timed_out').length;
+    const at = now();
+    await this.repos.deployments.updateOne(
+      { _id: deploymentId, finished_at: null },
+      {
+        $inc: { finished: states.length, succeeded, failed: states.length - succeeded, timed_out: timedOut },
+        $set: { updated_at: at },
+      },
+    );
+    await this.repos.deployments.updateOne({ _id: deploymentId, status: 'pending' }, { $set: { status: 'in_progress' } });
+  }
+
+  /**
+   * Finishes the deployment once none of its devices is pending or in progress.
+   * "Any left?" is asked of the states themselves (through their `_id` range,
+   * stopping at the first live one), never of a counter a crash could have
+   * skewed; the final counts are then taken exactly, once.
+   */
+  async completeIfDone(deploymentId: string): Promise<void> {
+    const states = this.repos.deviceDeployments;
+    if (await states.findOne({ ...statesOf(deploymentId), status: { $in: LIVE_DEVICE_STATUSES } })) return;
+    const count = (status: DeviceDeploymentStatus) => states.count({ ...statesOf(deploymentId), status });
+    const [succeeded, failedOnly, timedOut] = await Promise.all([count('success'), count('failed'), count('timed_out')]);
+    const failed = failedOnly + timedOut;
+    const status = failed === 0 ? 'success' : 'failed';
+    const at = now();
+    const done = await this.repos.deployments.findOneAndUpdate(
+      { _id: deploymentId, finished_at: null },
+      { $set: { status, finished: succeeded + failed, succeeded, failed, timed_out: timedOut, finished_at: at, updated_at: at } },
+    );
+    if (!done) return;
+    this.logger.info({ deploymentId, status, succeeded, failed, timedOut }, 'deployment finished');
+    void this.publisher.event({
+      type: 'deployment.finished', deployment_id: done._id, kind: done.kind, bundle_version: done.bundle_version, status,
+      counts: { total: done.total, succeeded, failed }, at,
+    });
   }
 
   private progressEvent(state: DeviceDeploymentDoc, deviceStatus: string, error: string | null): void {
@@ -230,8 +306,8 @@ export class DeploymentService {
   async get(id: string): Promise<Record<string, unknown>> {
     const dep = await this.repos.deployments.findOne({ _id: id });
     if (!dep) throw notFound(`deployment ${id}`);
-    const states = await this.repos.deviceDeployments.find({ deployment_id: id }, { sort: { device_id: 1 } });
-    return { ...this.view(dep), devices: states.map((s) => present(s)) };
+    const states = await this.repos.deviceDeployments.find(statesOf(id), { sort: { device_id: 1 } });
+    return { ...this.view(dep), devices: states.map((s) => present(s, ['finalizing'])) };
   }
 
   async getDoc(id: string): Promise<DeploymentDoc | null> {

@@ -50,6 +50,25 @@ export class HistoryService {
     }
   }
 
+  /**
+   * Several entries at once (a timeout sweep over a whole deployment): one
+   * insert for the plain ones, falling back to one at a time when some were
+   * written before; a successful rollback's entry goes through `record`.
+   */
+  async recordMany(entries: HistoryDoc[]): Promise<void> {
+    const plain = entries.filter((e) => !(e.kind === 'rollback' && e.status === 'success'));
+    for (const e of entries) if (!plain.includes(e)) await this.record(e);
+    if (plain.length > 1) {
+      try {
+        await this.repos.bundleHistory.insertMany(plain);
+        return;
+      } catch (err) {
+        if (!(err instanceof DuplicateKeyError)) throw err;
+      }
+    }
+    for (const e of plain) await this.record(e);
+  }
+
   /** A device's entries, newest first. */
   async list(deviceId: string, limit: number): Promise<Record<string, unknown>[]> {
     const [entries, known] = await Promise.all([

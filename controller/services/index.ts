@@ -13,10 +13,13 @@ import { ConfigService } from './configs.js';
 import { RollbackService } from './rollback.js';
 import { AccessService } from './access.js';
 import type { ProofOptions } from './registration-proof.js';
+import { DeploymentSweeper } from './sweeper.js';
 
 export {
   TokenService, DeviceService, BundleService, DeploymentService, HistoryService, ConfigService, RollbackService, AccessService,
+  DeploymentSweeper,
 };
+export type { SweepReport } from './sweeper.js';
 
 export interface Services {
   repos: Repositories;
@@ -28,6 +31,8 @@ export interface Services {
   configs: ConfigService;
   rollbacks: RollbackService;
   access: AccessService;
+  /** Deployment timeouts and repairs, in one periodic pass. */
+  sweeper: DeploymentSweeper;
   /** A bearer token as an HTTP principal: a device token or an API token. */
   authenticateBearer(token: string): Promise<Principal | null>;
 }
@@ -42,6 +47,7 @@ export function createServices(deps: {
   registrationProof?: ProofOptions;
   /** Tells every controller instance about a revocation (caches, connections). */
   announceRevocation?: (revocation: Revocation) => Promise<void>;
+  sweepIntervalMs: number;
 }): Services {
   const { repos, blobs, publisher, logger } = deps;
   const tokens = new TokenService(repos, logger);
@@ -54,8 +60,9 @@ export function createServices(deps: {
   const configs = new ConfigService(repos, publisher, logger, devices);
   const rollbacks = new RollbackService(bundles, devices, history, deployments);
   const access = new AccessService(repos, tokens, devices, logger, deps.announceRevocation ?? (async () => {}));
+  const sweeper = new DeploymentSweeper(repos, deployments, logger.child({ component: 'sweeper' }), { intervalMs: deps.sweepIntervalMs });
   return {
-    repos, tokens, devices, bundles, deployments, history, configs, rollbacks, access,
+    repos, tokens, devices, bundles, deployments, history, configs, rollbacks, access, sweeper,
     async authenticateBearer(token) {
       const deviceId = await devices.byToken(token);
       if (deviceId) return { kind: 'device', deviceId };

@@ -2,7 +2,7 @@
 import { mkdtemp, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
 import { loadControllerConfig, startController, type Controller, type ControllerFlags } from '../../controller/index.js';
 import type { Credentials } from '../../controller/services/tokens.js';
 
@@ -14,7 +14,7 @@ export interface TestController {
   stop(): Promise<void>;
 }
 
-export async function startTestController(overrides: ControllerFlags = {}): Promise<TestController> {
+export async function startTestController(overrides: ControllerFlags = {}, logger?: Logger): Promise<TestController> {
   const dataDir = overrides.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-ctl-')));
   const config = loadControllerConfig(
     // No Swagger UI in-process: its static-file plugin require()s an ES module,
@@ -23,8 +23,7 @@ export async function startTestController(overrides: ControllerFlags = {}): Prom
     { httpHost: '127.0.0.1', mqttHost: '127.0.0.1', httpPort: 0, mqttPort: 0, heartbeatFlushMs: 100, docsUi: false, ...overrides, dataDir },
     {},
   );
-  const logger = pino({ level: process.env.KERNEX_TEST_LOG ?? 'silent' });
-  const controller = await startController(config, logger);
+  const controller = await startController(config, logger ?? pino({ level: process.env.KERNEX_TEST_LOG ?? 'silent' }));
   const creds = JSON.parse(await readFile(controller.credentialsFile, 'utf8')) as Credentials;
   return { controller, dataDir, creds, api: new ApiClient(controller.httpUrl, creds.token), stop: () => controller.stop() };
 }
