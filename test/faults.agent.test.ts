@@ -112,7 +112,8 @@ const atKill: Record<Exclude<PausePoint, 'running'>, (a: AgentProcess, version: 
 
 describe('agent killed (SIGKILL) in each phase before the script ran, or after: resumed, one outcome', () => {
   const points = ['received', 'downloading', 'verified', 'extracting', 'reporting'] as const;
-  test.each(points.map((p, i) => [p, i] as const))('killed at %s', async (point, i) => {
+  // Independent devices and bundles: the phases run side by side.
+  test.concurrent.each(points.map((p, i) => [p, i] as const))('killed at %s', async (point, i) => {
     const deviceId = `kill-${point}`;
     const out = join(work, `${deviceId}.out`);
     const version = `1.${i}.0`;
@@ -176,7 +177,7 @@ describe('agent killed (SIGKILL) while the script runs', () => {
     return { id, dep, out, second };
   }
 
-  test('a script not declared idempotent is reported failed with reason interrupted, never run again', async () => {
+  test.concurrent('a script not declared idempotent is reported failed with reason interrupted, never run again', async () => {
     const { id, dep, out, second } = await killWhileRunning('kill-running', '2.0.0', false);
     expect(dep).toMatchObject({ status: 'failed', finished: 1, succeeded: 0, failed: 1 });
     expect(dep.devices).toEqual([expect.objectContaining({ status: 'failed', reason: 'interrupted' })]);
@@ -191,7 +192,7 @@ describe('agent killed (SIGKILL) while the script runs', () => {
     await second.stop();
   });
 
-  test('a script declared idempotent runs again after the leftover is ended, and succeeds once', async () => {
+  test.concurrent('a script declared idempotent runs again after the leftover is ended, and succeeds once', async () => {
     const { id, dep, out, second } = await killWhileRunning('kill-running-idem', '2.1.0', true);
     expect(dep).toMatchObject({ status: 'success', finished: 1, succeeded: 1 });
     expect(await history('kill-running-idem')).toEqual([expect.objectContaining({ deployment_id: id, status: 'success' })]);

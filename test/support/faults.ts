@@ -3,6 +3,8 @@
 import { randomBytes } from 'node:crypto';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import pino, { type Logger } from 'pino';
 import type { BundleSpec } from './bundles.js';
 import type { AgentState } from '../../agent/state.js';
 
@@ -71,4 +73,32 @@ export async function groupMembers(pgid: number): Promise<number[]> {
     }
   }
   return members;
+}
+
+/** A pino logger whose lines the test can read back (the controller in-process logs through it). */
+export function capturingLogger(level = 'debug'): { logger: Logger; lines: () => Array<Record<string, unknown>> } {
+  const lines: Array<Record<string, unknown>> = [];
+  const stream = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      for (const line of chunk.toString().split('\n')) if (line) lines.push(JSON.parse(line) as Record<string, unknown>);
+      done();
+    },
+  });
+  return { logger: pino({ level }, stream), lines: () => lines };
+}
+
+/** A bundle whose deploy script waits until the file $KERNEX_TEST_GATE exists, then appends `deploy <version>` to $KERNEX_TEST_OUT. */
+export function gatedBundle(version: string): BundleSpec {
+  return {
+    manifest: { name: 'gated-app', version, deploy: { script: 'deploy.sh' } },
+    files: {
+      'deploy.sh': [
+        '#!/bin/sh',
+        `echo "start ${version}" >> "$KERNEX_TEST_OUT"`,
+        'while [ ! -f "$KERNEX_TEST_GATE" ]; do sleep 0.05; done',
+        `echo "deploy ${version}" >> "$KERNEX_TEST_OUT"`,
+        '',
+      ].join('\n'),
+    },
+  };
 }
