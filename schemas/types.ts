@@ -173,8 +173,19 @@ export interface DeploymentView {
   total: number;
   finished: number;
   succeeded: number;
+  /**
+   * Devices that failed, timed-out ones included.
+   */
   failed: number;
+  /**
+   * Devices that gave no outcome within timeout_seconds.
+   */
+  timed_out?: number;
   timeout_seconds?: number | null;
+  /**
+   * created_at + timeout_seconds; absent without a timeout.
+   */
+  deadline_at?: string;
   created_at: string;
   updated_at?: string;
   finished_at?: string | null;
@@ -185,6 +196,10 @@ export interface DeploymentView {
     exit_code?: number | null;
     output_tail?: string | null;
     error_message?: string | null;
+    /**
+     * Why it failed: the agent's reason (timeout, interrupted, script_failed, download_failed, ...) or deployment_timeout.
+     */
+    reason?: string | null;
     duration_seconds?: number | null;
     started_at?: string | null;
     finished_at?: string | null;
