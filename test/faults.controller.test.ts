@@ -175,3 +175,51 @@ test('SIGTERM during a deploy: exits 0 promptly, heartbeats flushed, the deploy 
   expect(await readLines(join(work, 'term-a.out'))).toEqual(['start 6.0.0', 'deploy 6.0.0']);
   expect(existsSync(join(a.dataDir, 'state.json'))).toBe(true);
 }, 90_000);
+
+test('SIGKILL between a final state and its history: the sweep at restart completes it, once', async () => {
+  const ctl = await startControllerProcess();
+  controllers.push(ctl);
+  const quick = await SimDevice.register(ctl.httpUrl, 'crash-a', ctl.creds.enrollment_token, 'succeed');
+  const slow = await SimDevice.register(ctl.httpUrl, 'crash-b', ctl.creds.enrollment_token, 'hold');
+  sims.push(quick, slow);
+  quick.connect(ctl.mqttUrl);
+  slow.connect(ctl.mqttUrl);
+  expect((await ctl.api.upload(await packBundle(gatedBundle('7.0.0')))).status).toBe(201);
+  const id = (await ctl.api.post('/deployments', { bundle_version: '7.0.0', target_device_ids: ['crash-a', 'crash-b'] }))
+    .body.deployment_id as string;
+  await waitFor(async () => {
+    const states = await deviceStates(ctl, id);
+    return states.get('crash-a')!.status === 'success' && slow.holds(id);
+  }, 'crash-a done, crash-b running');
+  await slow.drop();
+  expect(await ctl.kill('SIGKILL')).toEqual({ code: null, signal: 'SIGKILL' });
+
+  // What the datafile holds when the controller dies right after writing crash-b's
+  // final state, before its history and the deployment's completion: NeDB appends
+  // the whole updated document as a line, and the last line of an _id wins.
+  const statesFile = join(ctl.dataDir, 'db', 'deployment_devices.db');
+  const lines = (await readLines(statesFile)).map((l) => JSON.parse(l) as Record<string, unknown>);
+  const last = lines.filter((d) => d._id === `${id}:crash-b`).at(-1)!;
+  const at = new Date().toISOString();
+  const { appendFile } = await import('node:fs/promises');
+  await appendFile(statesFile, `${JSON.stringify({
+    ...last, status: 'success', phase: null, exit_code: 0, finished_at: at, updated_at: at, finalizing: true,
+  })}\n`);
+  expect((await historyOf(ctl, id)).map((h) => h.device_id)).toEqual(['crash-a']);
+
+  await ctl.restart();
+  const dep = (await ctl.api.get(`/deployments/${id}`)).body;
+  expect(ctl.output()).toContain('"repaired":1');
+  expect(dep).toMatchObject({ status: 'success', total: 2, finished: 2, succeeded: 2, failed: 0 });
+  expect(dep.finished_at).toEqual(expect.any(String));
+  expect((await historyOf(ctl, id)).map((h) => h.device_id).sort()).toEqual(['crash-a', 'crash-b']);
+  expect((await ctl.api.get('/devices/crash-b')).body.current_bundle_version).toBe('7.0.0');
+
+  // crash-b reconnects and sends its outcome: a duplicate, changing nothing.
+  slow.connect(ctl.mqttUrl);
+  slow.release();
+  await waitFor(() => /"deviceId":"crash-b"[^\n]*"msg":"duplicate result ignored"/.test(ctl.output()), 'its outcome to be seen');
+  expect(slow.executions.get(id)).toBe(1);
+  expect((await ctl.api.get(`/deployments/${id}`)).body).toMatchObject({ finished: 2, succeeded: 2, finished_at: dep.finished_at });
+  expect((await historyOf(ctl, id))).toHaveLength(2);
+}, 90_000);

@@ -194,4 +194,33 @@ describe('store or blob store unavailable', () => {
     await waitFor(async () => (await agentState(a.dataDir)).handled[id]?.reported, 'the agent to get its acknowledgement');
     expect(await readLines(out)).toEqual(['start 6.0.0', 'deploy 6.0.0']);
   });
+
+  test('a store failure between a final state and its history: the re-sent result completes it, nothing twice', async () => {
+    const out = join(work, 'halfway.out');
+    const gate = join(work, 'halfway.gate');
+    gates.push(gate);
+    const a = await agent('halfway', tc.controller.httpUrl, { KERNEX_TEST_OUT: out, KERNEX_TEST_GATE: gate });
+    await tc.api.upload(await packBundle(gatedBundle('7.0.0')));
+    const id = (await tc.api.post('/deployments', { bundle_version: '7.0.0', target_device_ids: ['halfway'] })).body.deployment_id;
+    await waitFor(async () => (await tc.api.get(`/deployments/${id}`)).body.devices[0].phase === 'running', 'the script to run');
+
+    // The state can be written, its history cannot.
+    const repair = await breakDatafile('device_bundle_history');
+    const failedBefore = tc.controller.counters.failed;
+    await writeFile(gate, 'open');
+    await waitFor(() => tc.controller.counters.failed > failedBefore, 'the result to be refused');
+    const state = await tc.controller.services.repos.deviceDeployments.findOne({ _id: `${id}:halfway` });
+    expect(state).toMatchObject({ status: 'success', finalizing: true });
+    expect((await tc.api.get(`/deployments/${id}`)).body).toMatchObject({ finished_at: null, finished: 0 });
+
+    await repair();
+    const dep = await finished(id);
+    expect(dep).toMatchObject({ status: 'success', finished: 1, succeeded: 1, failed: 0 });
+    expect(await history('halfway')).toEqual([expect.objectContaining({ deployment_id: id, status: 'success' })]);
+    expect(await tc.controller.services.repos.deviceDeployments.findOne({ _id: `${id}:halfway` }))
+      .not.toHaveProperty('finalizing');
+    expect((await tc.api.get('/devices/halfway')).body.current_bundle_version).toBe('7.0.0');
+    await waitFor(async () => (await agentState(a.dataDir)).handled[id]?.reported, 'the agent to get its acknowledgement');
+    expect(await readLines(out)).toEqual(['start 7.0.0', 'deploy 7.0.0']);
+  });
 });
