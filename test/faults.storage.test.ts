@@ -5,6 +5,7 @@
 // acknowledged and arrives again. The data directory is broken the way root
 // cannot ignore: a datafile path replaced by a directory, a directory by a file.
 import { createHash } from 'node:crypto';
+import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -222,5 +223,37 @@ describe('store or blob store unavailable', () => {
     expect((await tc.api.get('/devices/halfway')).body.current_bundle_version).toBe('7.0.0');
     await waitFor(async () => (await agentState(a.dataDir)).handled[id]?.reported, 'the agent to get its acknowledgement');
     expect(await readLines(out)).toEqual(['start 7.0.0', 'deploy 7.0.0']);
+  });
+
+  test('S3 unreachable: upload answers 503 and nothing is recorded; works once S3 is back', async () => {
+    // s3rver ships no types: this is the part of its API used here.
+    type S3rverServer = { run(): Promise<{ port: number }>; close(): Promise<void> };
+    const S3rver = createRequire(import.meta.url)('s3rver') as new (o: Record<string, unknown>) => S3rverServer;
+    const directory = await mkdtemp(join(tmpdir(), 'kernex-faults-s3-'));
+    const start = (port: number) => {
+      const server = new S3rver({ port, address: '127.0.0.1', silent: true, directory, resetOnClose: false });
+      return server.run().then(({ port: bound }) => ({ server, port: bound }));
+    };
+    let s3 = await start(0);
+    const s3tc = await startTestController({
+      sweepIntervalMs: 200,
+      s3: { endPoint: '127.0.0.1', port: s3.port, useSSL: false, accessKey: 'S3RVER', secretKey: 'S3RVER', bucket: 'kernex-faults', region: 'us-east-1' },
+    });
+    try {
+      const archive = await packBundle(scriptBundle('8.0.0', '/dev/null'));
+      await s3.server.close();
+      const res = await s3tc.api.upload(archive);
+      expect(res.status).toBe(503);
+      expect(res.body).toEqual({ error: 'blob_store_unavailable', message: 'the bundle store is unavailable; retry shortly' });
+      expect((await s3tc.api.get('/bundles')).body).toEqual([]);
+
+      s3 = await start(s3.port);
+      expect((await s3tc.api.upload(archive)).status).toBe(201);
+      expect((await s3tc.api.get('/bundles')).body.map((b: { version: string }) => b.version)).toEqual(['8.0.0']);
+    } finally {
+      await s3tc.stop();
+      await s3.server.close().catch(() => undefined);
+      await rm(directory, { recursive: true, force: true });
+    }
   });
 });
