@@ -511,6 +511,26 @@ export function storeContract(
         expect(ids(await c.find({ status: 'online' }))).toEqual(['d1', 'd3', 'd9']);
         expect(ids(await c.find({ status: { $in: ['online', 'offline'] }, n: { $gt: 2 } }))).toEqual(['d3', 'd9']);
       });
+
+      test('a sparse index leaves documents without the field out of it, not out of results', async () => {
+        const c = await seeded();
+        await c.ensureIndex({ fields: { flag: 1 }, sparse: true });
+        await c.ensureIndex({ fields: { due: 1 }, sparse: true });
+        await c.updateOne({ _id: 'd2' }, { $set: { flag: true, due: '2026-01-02' } });
+        await c.updateOne({ _id: 'd4' }, { $set: { flag: true, due: '2026-01-01' } });
+        expect(ids(await c.find({ flag: true }))).toEqual(['d2', 'd4']);
+        expect(ids(await c.find({ due: { $gt: '', $lte: '2026-01-01' } }))).toEqual(['d4']);
+        await c.updateMany({ _id: { $in: ['d2', 'd4'] }, flag: true }, { $unset: { flag: true } });
+        expect(await c.find({ flag: true })).toEqual([]);
+        expect(await c.count({})).toBe(4);
+        expect(ids(await c.find({ status: 'online' }))).toEqual(['d1', 'd3']);
+      });
+
+      test('an _id range selects the documents whose ids share a prefix', async () => {
+        const c = fresh();
+        await c.insertMany(['dep1:a', 'dep1:b', 'dep10:a', 'dep2:a', 'dep1;x'].map((_id) => ({ _id })));
+        expect(ids(await c.find({ _id: { $gte: 'dep1:', $lt: 'dep1;' } }))).toEqual(['dep1:a', 'dep1:b']);
+      });
     });
 
     describe('deletes', () => {
