@@ -14,7 +14,7 @@ import { ConnectionGate, GuardedConnection, type ConnectionStats } from './conne
 
 export { canPublish, canSubscribe, type Principal, type Role } from './acl.js';
 export { topics, parseDeviceTopic, PREFIX } from './topics.js';
-export type { PersistenceConfig } from './persistence.js';
+export { PersistenceUnavailableError, redactRedisUrl, type PersistenceConfig } from './persistence.js';
 export { FrameScanner, PacketTooLargeError, type ConnectionStats } from './connections.js';
 
 /** A credential was revoked: every broker instance drops what it cached and closes what it holds. */
@@ -69,6 +69,8 @@ export interface BrokerOptions {
 export interface Broker {
   readonly aedes: Aedes;
   readonly limits: BrokerLimits;
+  /** This broker's id among the brokers sharing one Redis (unique per process start). */
+  readonly id: string;
   listenTcp(port: number, host?: string): Promise<AddressInfo>;
   /** MQTT over TLS (8883 by convention). */
   listenTls(port: number, host: string | undefined, tls: TlsOptions): Promise<AddressInfo>;
@@ -107,7 +109,7 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
   const deviceClients = new Map<string, Client>();
   /** Open connections per API token, so revoking a token closes them. */
   const tokenClients = new Map<string, Set<Client>>();
-  const persistence = await createPersistence(options.persistence ?? { kind: 'memory' });
+  const persistence = await createPersistence(options.persistence ?? { kind: 'memory' }, logger);
   const limits: BrokerLimits = { ...DEFAULT_BROKER_LIMITS, ...options.limits };
   const gate = new ConnectionGate(limits);
   const servers: Array<Server | WebSocketServer> = [];
@@ -170,6 +172,10 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
       }
       done(null, sub);
     },
+  }).catch(async (err: unknown) => {
+    // Release the persistence's connections when the broker cannot start.
+    await persistence.close();
+    throw err;
   });
 
   aedes.on('clientReady', (client) => {
@@ -253,6 +259,7 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
   return {
     aedes,
     limits,
+    id: aedes.id,
     listenTcp(port, host) {
       return listen(createServer((socket: Socket) => accept(socket)), port, host);
     },

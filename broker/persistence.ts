@@ -1,17 +1,113 @@
 // Where the broker keeps sessions, subscriptions, retained and queued QoS 1
 // messages: in memory for one process; Redis when several share the load.
-export type PersistenceConfig = { kind: 'memory' } | { kind: 'redis'; url: string };
+//
+// With Redis, two things are shared: the persistence (aedes-persistence-redis:
+// sessions, subscriptions, retained messages, QoS 1 messages waiting for an
+// offline client) and the emitter (mqemitter-redis: a message published on any
+// broker reaches the clients connected to every other). Together they make any
+// number of controller processes one broker.
+import { Redis } from 'ioredis';
+import aedesPersistenceRedis from 'aedes-persistence-redis';
+import mqemitterRedis from 'mqemitter-redis';
+import type { Logger } from 'pino';
+
+export type PersistenceConfig =
+  | { kind: 'memory' }
+  | {
+      kind: 'redis';
+      url: string;
+      /** How long start-up waits for Redis before giving up; default 10 s. */
+      connectTimeoutMs?: number;
+    };
 
 export interface BrokerPersistence {
+  readonly kind: PersistenceConfig['kind'];
+  /** What Aedes takes as `persistence` (undefined: its in-memory default). */
   persistence: unknown;
+  /** What Aedes takes as `mq` (undefined: its in-process emitter). */
   mq: unknown;
+  /** Releases the connections; call after the broker has closed. */
   close(): Promise<void>;
 }
 
-export async function createPersistence(config: PersistenceConfig): Promise<BrokerPersistence> {
-  if (config.kind === 'memory') {
-    // Aedes' defaults: in-memory persistence and emitter.
-    return { persistence: undefined, mq: undefined, close: async () => {} };
+export class PersistenceUnavailableError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = 'PersistenceUnavailableError';
   }
-  throw new Error(`broker persistence '${config.kind}' is not available yet`);
+}
+
+/** A Redis URL fit for a log line or an error message: the password hidden. */
+export function redactRedisUrl(url: string): string {
+  return url.replace(/^(rediss?:\/\/)[^@/]*@/i, '$1***@');
+}
+
+export async function createPersistence(config: PersistenceConfig, logger?: Logger): Promise<BrokerPersistence> {
+  if (config.kind === 'memory') {
+    return { kind: 'memory', persistence: undefined, mq: undefined, close: async () => {} };
+  }
+  return createRedisPersistence(config.url, config.connectTimeoutMs ?? 10_000, logger);
+}
+
+async function createRedisPersistence(url: string, connectTimeoutMs: number, logger?: Logger): Promise<BrokerPersistence> {
+  const where = redactRedisUrl(url);
+  // One connection for the persistence, two for the emitter (a subscribed
+  // Redis connection can do nothing else). All are ours, so all are closed here.
+  const connections = ['persistence', 'publish', 'subscribe'].map((role) => {
+    const conn = new Redis(url, { lazyConnect: true, connectTimeout: connectTimeoutMs, connectionName: `kernex-${role}` });
+    let reported = 0;
+    conn.on('error', (err: Error) => {
+      // ioredis retries by itself; say so without flooding the log while Redis is down.
+      if (reported++ % 100 === 0) logger?.warn({ redis: where, role, err: err.message }, 'redis connection error; retrying');
+    });
+    conn.on('ready', () => {
+      if (reported > 0) logger?.info({ redis: where, role }, 'redis connection restored');
+      reported = 0;
+    });
+    return conn;
+  });
+  const [db, pubConn, subConn] = connections as [Redis, Redis, Redis];
+
+  try {
+    await withTimeout(Promise.all(connections.map((c) => c.connect())), connectTimeoutMs);
+  } catch (err) {
+    for (const c of connections) c.disconnect();
+    throw new PersistenceUnavailableError(
+      `cannot connect to Redis at ${where} (${(err as Error).message}). ` +
+        'Check that Redis is running and that KERNEX_REDIS_URL is right.',
+      { cause: err },
+    );
+  }
+
+  const persistence = aedesPersistenceRedis({ conn: db });
+  // Aedes' own emitter matches empty levels ([MQTT-4.7.1-3]); so must this one.
+  const mq = mqemitterRedis({ pubConn, subConn, matchEmptyLevels: true });
+  let closed = false;
+  return {
+    kind: 'redis',
+    persistence,
+    mq,
+    async close() {
+      if (closed) return;
+      closed = true;
+      // By now Aedes has closed the emitter (quitting both of its
+      // connections). destroy() unsubscribes the persistence's broadcast
+      // topics through that emitter and disconnects the persistence's
+      // connection; it must not keep a stopping process waiting.
+      await withTimeout(persistence.destroy(), 2_000).catch((err: Error) =>
+        logger?.debug({ err: err.message }, 'redis persistence did not close cleanly'),
+      );
+      // Only those still open: disconnecting an ended connection again arms a
+      // 2 s timer in ioredis that nothing clears, delaying the process's exit.
+      for (const c of connections) if (c.status !== 'end') c.disconnect();
+    },
+  };
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }
