@@ -53,15 +53,23 @@ async function createRedisPersistence(url: string, connectTimeoutMs: number, log
   const where = redactRedisUrl(url);
   // One connection for the persistence, two for the emitter (a subscribed
   // Redis connection can do nothing else). All are ours, so all are closed here.
+  let firstError: Error | undefined;
   const connections = ['persistence', 'publish', 'subscribe'].map((role) => {
     const conn = new Redis(url, { lazyConnect: true, connectTimeout: connectTimeoutMs, connectionName: `kernex-${role}` });
+    let ready = false;
     let reported = 0;
     conn.on('error', (err: Error) => {
+      // Before the first connection the start-up error below says it all.
+      if (!ready) {
+        firstError ??= err;
+        return;
+      }
       // ioredis retries by itself; say so without flooding the log while Redis is down.
       if (reported++ % 100 === 0) logger?.warn({ redis: where, role, err: err.message }, 'redis connection error; retrying');
     });
     conn.on('ready', () => {
       if (reported > 0) logger?.info({ redis: where, role }, 'redis connection restored');
+      ready = true;
       reported = 0;
     });
     return conn;
@@ -73,7 +81,7 @@ async function createRedisPersistence(url: string, connectTimeoutMs: number, log
   } catch (err) {
     for (const c of connections) c.disconnect();
     throw new PersistenceUnavailableError(
-      `cannot connect to Redis at ${where} (${(err as Error).message}). ` +
+      `cannot connect to Redis at ${where} (${(firstError ?? (err as Error)).message}). ` +
         'Check that Redis is running and that KERNEX_REDIS_URL is right.',
       { cause: err },
     );

@@ -72,7 +72,9 @@ await yargs(hideBin(process.argv))
       } catch (err) {
         const e = err as NodeJS.ErrnoException;
         if (e.code === 'EADDRINUSE') fail(`${e.message}: another process uses that port; pick another with --http-port/--mqtt-port`);
-        throw err;
+        // Unreachable MongoDB, Redis or S3: their messages say where and what to check.
+        logger.debug({ err }, 'start-up failed');
+        fail(`cannot start: ${e.message}`);
       }
       logger.info(
         { http: controller.httpUrl, mqtt: controller.mqttUrl, dataDir: config.dataDir, credentials: controller.credentialsFile },

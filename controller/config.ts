@@ -1,8 +1,10 @@
 // The controller's configuration: KERNEX_* environment variables, overridden
 // by flags, validated once at start-up with a message that says what to fix.
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { resolve } from 'node:path';
-import type { S3Config } from './blobs/index.js';
+import { parseS3Url, type S3Config } from './blobs/index.js';
 import { DEFAULT_BROKER_LIMITS, type BrokerLimits } from '../broker/index.js';
 
 /** The S3 settings are the blob backend's own type. */
@@ -30,6 +32,12 @@ export interface ControllerConfig {
   mongoUrl?: string;
   s3?: S3Settings;
   redisUrl?: string;
+  /**
+   * This controller's stable name among several sharing one store and one
+   * Redis: it owns the presence of the devices connected to it, and resets
+   * that presence when it restarts. Default `<hostname>:<mqtt port>`.
+   */
+  instanceId: string;
   logLevel: string;
   /** How often coalesced heartbeats are written to the store. */
   heartbeatFlushMs: number;
@@ -70,9 +78,12 @@ function integer(name: string, raw: string | number | undefined, fallback: numbe
   return n;
 }
 
-function bool(raw: string | undefined): boolean | undefined {
+function bool(name: string, raw: string | undefined): boolean | undefined {
   if (raw === undefined || raw === '') return undefined;
-  return ['1', 'true', 'yes', 'on'].includes(raw.toLowerCase());
+  const v = raw.toLowerCase();
+  if (['1', 'true', 'yes', 'on'].includes(v)) return true;
+  if (['0', 'false', 'no', 'off'].includes(v)) return false;
+  throw new ConfigError(`${name} must be true or false, got '${raw}'`);
 }
 
 function url(name: string, raw: string | undefined, protocols: string[]): string | undefined {
@@ -81,7 +92,8 @@ function url(name: string, raw: string | undefined, protocols: string[]): string
   try {
     parsed = new URL(raw);
   } catch {
-    throw new ConfigError(`${name} is not a valid URL: '${raw}'`);
+    // Quoted without anything that looks like user info: these URLs carry passwords.
+    throw new ConfigError(`${name} is not a valid URL: '${raw.replace(/\/\/[^@/]*@/, '//***@')}'`);
   }
   if (!protocols.includes(parsed.protocol)) {
     throw new ConfigError(`${name} must use ${protocols.join(' or ')}, got '${parsed.protocol}'`);
@@ -89,24 +101,61 @@ function url(name: string, raw: string | undefined, protocols: string[]): string
   return raw;
 }
 
+const S3_PARTS = ['KERNEX_S3_ENDPOINT', 'KERNEX_S3_ACCESS_KEY', 'KERNEX_S3_SECRET_KEY', 'KERNEX_S3_BUCKET'] as const;
+const S3_OPTIONS = ['KERNEX_S3_REGION', 'KERNEX_S3_USE_SSL'] as const;
+
+/**
+ * S3/MinIO from either one URL (KERNEX_S3_URL, see parseS3Url) or the
+ * separate KERNEX_S3_* variables, never both; KERNEX_S3_PUBLIC_URL applies to
+ * either. None of them set: bundles stay on the local disk.
+ */
 function s3FromEnv(env: NodeJS.ProcessEnv): S3Settings | undefined {
-  const endpoint = env.KERNEX_S3_ENDPOINT;
-  if (!endpoint) return undefined;
-  const missing = ['KERNEX_S3_ACCESS_KEY', 'KERNEX_S3_SECRET_KEY', 'KERNEX_S3_BUCKET'].filter((k) => !env[k]);
-  if (missing.length) throw new ConfigError(`KERNEX_S3_ENDPOINT is set but ${missing.join(', ')} missing`);
-  // Accept "host", "host:port" or "http(s)://host:port".
-  const withScheme = /^https?:\/\//.test(endpoint) ? endpoint : `http://${endpoint}`;
-  const u = new URL(url('KERNEX_S3_ENDPOINT', withScheme, ['http:', 'https:'])!);
-  const useSSL = bool(env.KERNEX_S3_USE_SSL) ?? u.protocol === 'https:';
-  return {
-    endPoint: u.hostname,
-    port: u.port ? Number(u.port) : undefined,
-    useSSL,
-    accessKey: env.KERNEX_S3_ACCESS_KEY!,
-    secretKey: env.KERNEX_S3_SECRET_KEY!,
-    bucket: env.KERNEX_S3_BUCKET!,
-    region: env.KERNEX_S3_REGION || undefined,
-  };
+  const given = [...S3_PARTS, ...S3_OPTIONS].filter((k) => env[k]);
+  const publicUrl = env.KERNEX_S3_PUBLIC_URL || undefined;
+  let settings: S3Settings;
+  if (env.KERNEX_S3_URL) {
+    if (given.length) throw new ConfigError(`set either KERNEX_S3_URL or ${given.join(', ')}, not both`);
+    try {
+      settings = parseS3Url(env.KERNEX_S3_URL);
+    } catch (err) {
+      // parseS3Url never quotes the URL, which carries the secret key.
+      throw new ConfigError(`KERNEX_S3_URL: ${(err as Error).message}`);
+    }
+  } else if (given.length) {
+    const missing = S3_PARTS.filter((k) => !env[k]);
+    if (missing.length) {
+      throw new ConfigError(`S3 is partly configured (${given.join(', ')}): ${missing.join(', ')} missing`);
+    }
+    // Accept "host", "host:port" or "http(s)://host:port".
+    const endpoint = env.KERNEX_S3_ENDPOINT!;
+    const withScheme = /^https?:\/\//.test(endpoint) ? endpoint : `http://${endpoint}`;
+    const u = new URL(url('KERNEX_S3_ENDPOINT', withScheme, ['http:', 'https:'])!);
+    if (u.pathname !== '/' || u.search) throw new ConfigError(`KERNEX_S3_ENDPOINT must be host[:port] or http(s)://host[:port], got '${endpoint}'`);
+    settings = {
+      endPoint: u.hostname.replace(/^\[(.*)\]$/, '$1'),
+      useSSL: bool('KERNEX_S3_USE_SSL', env.KERNEX_S3_USE_SSL) ?? u.protocol === 'https:',
+      accessKey: env.KERNEX_S3_ACCESS_KEY!,
+      secretKey: env.KERNEX_S3_SECRET_KEY!,
+      bucket: env.KERNEX_S3_BUCKET!,
+    };
+    if (u.port) settings.port = Number(u.port);
+    if (env.KERNEX_S3_REGION) settings.region = env.KERNEX_S3_REGION;
+    if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(settings.bucket)) {
+      throw new ConfigError(`KERNEX_S3_BUCKET '${settings.bucket}' is not a bucket name (3-63 lowercase letters, digits, dots, hyphens)`);
+    }
+  } else {
+    if (publicUrl) throw new ConfigError('KERNEX_S3_PUBLIC_URL is set but S3 is not: set KERNEX_S3_URL or KERNEX_S3_ENDPOINT and its companions');
+    return undefined;
+  }
+  if (publicUrl) {
+    const u = new URL(url('KERNEX_S3_PUBLIC_URL', publicUrl, ['http:', 'https:'])!);
+    // Presigned URLs sign the path: the public URL can only change the host.
+    if (u.pathname !== '/' || u.search || u.hash || u.username) {
+      throw new ConfigError(`KERNEX_S3_PUBLIC_URL must be http(s)://host[:port] with nothing after it, got '${publicUrl}'`);
+    }
+    settings.publicUrl = publicUrl;
+  }
+  return settings;
 }
 
 function pemFile(name: string, file: string, kind: RegExp): string {
@@ -163,9 +212,9 @@ function brokerLimits(flags: Partial<BrokerLimits> | undefined, env: NodeJS.Proc
 /** Every KERNEX_* variable the controller reads (the compose file test checks against it). */
 export const CONTROLLER_ENV = [
   'KERNEX_DATA_DIR', 'KERNEX_HTTP_HOST', 'KERNEX_HTTP_PORT', 'KERNEX_MQTT_HOST', 'KERNEX_MQTT_PORT',
-  'KERNEX_PUBLIC_URL', 'KERNEX_MQTT_PUBLIC_URL', 'KERNEX_MONGO_URL', 'KERNEX_S3_ENDPOINT',
-  'KERNEX_S3_ACCESS_KEY', 'KERNEX_S3_SECRET_KEY', 'KERNEX_S3_BUCKET', 'KERNEX_S3_REGION', 'KERNEX_S3_USE_SSL',
-  'KERNEX_REDIS_URL', 'KERNEX_LOG_LEVEL', 'KERNEX_HEARTBEAT_FLUSH_MS', 'KERNEX_MAX_BUNDLE_BYTES', 'KERNEX_DOCS_UI',
+  'KERNEX_PUBLIC_URL', 'KERNEX_MQTT_PUBLIC_URL', 'KERNEX_MONGO_URL', 'KERNEX_S3_URL', ...S3_PARTS, ...S3_OPTIONS,
+  'KERNEX_S3_PUBLIC_URL', 'KERNEX_REDIS_URL', 'KERNEX_INSTANCE_ID', 'KERNEX_LOG_LEVEL', 'KERNEX_HEARTBEAT_FLUSH_MS',
+  'KERNEX_MAX_BUNDLE_BYTES', 'KERNEX_DOCS_UI',
   'KERNEX_TLS_CERT', 'KERNEX_TLS_KEY', 'KERNEX_TLS_CA', 'KERNEX_MQTTS_PORT', 'KERNEX_MQTT_WS_PATH',
   'KERNEX_MQTT_MAX_PACKET_BYTES', 'KERNEX_MQTT_MAX_CONNECTIONS', 'KERNEX_MQTT_MAX_PENDING_CONNECTIONS',
   'KERNEX_MQTT_CONNECT_TIMEOUT_MS', 'KERNEX_MQTT_DRAIN_TIMEOUT_MS', 'KERNEX_MQTT_MAX_OUTBOUND_BYTES',
@@ -179,25 +228,33 @@ export function loadControllerConfig(flags: ControllerFlags = {}, env: NodeJS.Pr
   if (!LOG_LEVELS.includes(logLevel)) {
     throw new ConfigError(`log level must be one of ${LOG_LEVELS.join(', ')}, got '${logLevel}'`);
   }
+  const mqttPort = integer('MQTT port (KERNEX_MQTT_PORT)', flags.mqttPort ?? env.KERNEX_MQTT_PORT, 1883, 0, 65535);
+  // With an ephemeral port the name could not be found again after a restart anyway.
+  const instanceId = flags.instanceId ?? env.KERNEX_INSTANCE_ID ??
+    (mqttPort === 0 ? `${hostname()}-${randomUUID().slice(0, 8)}` : `${hostname()}:${mqttPort}`);
+  if (!/^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/.test(instanceId)) {
+    throw new ConfigError(`KERNEX_INSTANCE_ID '${instanceId}' is invalid: letters, digits, '.', '_', ':' and '-' only, at most 128`);
+  }
   return {
     dataDir: resolve(flags.dataDir ?? env.KERNEX_DATA_DIR ?? '.kernex'),
-    httpHost: flags.httpHost ?? env.KERNEX_HTTP_HOST ?? '0.0.0.0',
+    httpHost: host('KERNEX_HTTP_HOST', flags.httpHost ?? env.KERNEX_HTTP_HOST),
     httpPort: integer('HTTP port (KERNEX_HTTP_PORT)', flags.httpPort ?? env.KERNEX_HTTP_PORT, 8000, 0, 65535),
-    mqttHost: flags.mqttHost ?? env.KERNEX_MQTT_HOST ?? '0.0.0.0',
-    mqttPort: integer('MQTT port (KERNEX_MQTT_PORT)', flags.mqttPort ?? env.KERNEX_MQTT_PORT, 1883, 0, 65535),
+    mqttHost: host('KERNEX_MQTT_HOST', flags.mqttHost ?? env.KERNEX_MQTT_HOST),
+    mqttPort,
     publicHttpUrl: url('KERNEX_PUBLIC_URL', flags.publicHttpUrl ?? env.KERNEX_PUBLIC_URL, ['http:', 'https:']),
     publicMqttUrl: url('KERNEX_MQTT_PUBLIC_URL', flags.publicMqttUrl ?? env.KERNEX_MQTT_PUBLIC_URL,
       ['mqtt:', 'mqtts:', 'ws:', 'wss:', 'tcp:']),
     mongoUrl: url('KERNEX_MONGO_URL', flags.mongoUrl ?? env.KERNEX_MONGO_URL, ['mongodb:', 'mongodb+srv:']),
     s3: flags.s3 ?? s3FromEnv(env),
     redisUrl: url('KERNEX_REDIS_URL', flags.redisUrl ?? env.KERNEX_REDIS_URL, ['redis:', 'rediss:']),
+    instanceId,
     logLevel,
     heartbeatFlushMs: integer('KERNEX_HEARTBEAT_FLUSH_MS', flags.heartbeatFlushMs ?? env.KERNEX_HEARTBEAT_FLUSH_MS, 1000, 10, 600_000),
     sweepIntervalMs: integer('KERNEX_SWEEP_INTERVAL_MS', flags.sweepIntervalMs ?? env.KERNEX_SWEEP_INTERVAL_MS, 5000, 50, 3_600_000),
     maxBundleBytes: integer('KERNEX_MAX_BUNDLE_BYTES', flags.maxBundleBytes ?? env.KERNEX_MAX_BUNDLE_BYTES,
       512 * 1024 * 1024, 1024, Number.MAX_SAFE_INTEGER),
     inMemoryStore: flags.inMemoryStore ?? false,
-    docsUi: flags.docsUi ?? bool(env.KERNEX_DOCS_UI) ?? true,
+    docsUi: flags.docsUi ?? bool('KERNEX_DOCS_UI', env.KERNEX_DOCS_UI) ?? true,
     tls: tlsFromEnv(flags, env),
     mqttsPort: integer('MQTT TLS port (KERNEX_MQTTS_PORT)', flags.mqttsPort ?? env.KERNEX_MQTTS_PORT, 8883, 0, 65535),
     mqttWsPath: wsPath(flags.mqttWsPath !== undefined ? flags.mqttWsPath : env.KERNEX_MQTT_WS_PATH),
@@ -214,4 +271,31 @@ function registrationProof(raw: string | undefined): 'required' | 'optional' {
     throw new ConfigError(`KERNEX_REGISTRATION_PROOF must be 'required' or 'optional', got '${raw}'`);
   }
   return value;
+}
+
+function host(name: string, raw: string | undefined): string {
+  if (raw === undefined || raw === '') return '0.0.0.0';
+  if (/[\s/]/.test(raw)) throw new ConfigError(`${name} must be a host name or address to bind, got '${raw}'`);
+  return raw;
+}
+
+/**
+ * What a set of settings means for running several controllers, said once at
+ * start-up: each is fine for one instance, and wrong for several.
+ */
+export function scaleOutWarnings(config: ControllerConfig): string[] {
+  const warnings: string[] = [];
+  if (config.redisUrl && !config.mongoUrl) {
+    warnings.push('KERNEX_REDIS_URL without KERNEX_MONGO_URL: the embedded store is this instance\'s alone, so other ' +
+      'instances on this Redis will not know its devices; set KERNEX_MONGO_URL to run several');
+  }
+  if (config.mongoUrl && !config.s3) {
+    warnings.push('KERNEX_MONGO_URL without S3: bundles are kept on this instance\'s disk, where other instances ' +
+      'cannot serve them; set KERNEX_S3_URL (or KERNEX_S3_ENDPOINT...) to run several');
+  }
+  if (config.mongoUrl && !config.redisUrl) {
+    warnings.push('KERNEX_MONGO_URL without KERNEX_REDIS_URL: the broker is this instance\'s alone, so commands ' +
+      'created on another instance will not reach devices connected here; set KERNEX_REDIS_URL to run several');
+  }
+  return warnings;
 }

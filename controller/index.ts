@@ -1,5 +1,6 @@
 // The controller process: store, blobs, services, the embedded broker and the
 // REST API, started and stopped as one.
+import { randomUUID } from 'node:crypto';
 import { mkdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { FastifyInstance } from 'fastify';
@@ -11,9 +12,9 @@ import { createServices, type Services } from './services/index.js';
 import { createFleetPublisher } from './mqtt/publisher.js';
 import { createBrokerHooks, type MessageCounters } from './mqtt/handlers.js';
 import { createHttpApp } from './http.js';
-import type { ControllerConfig } from './config.js';
+import { scaleOutWarnings, type ControllerConfig, type S3Settings } from './config.js';
 
-export { loadControllerConfig, ConfigError, CONTROLLER_ENV, type ControllerConfig, type ControllerFlags } from './config.js';
+export { loadControllerConfig, ConfigError, CONTROLLER_ENV, scaleOutWarnings, type ControllerConfig, type ControllerFlags } from './config.js';
 export { VERSION } from './version.js';
 
 export interface Controller {
@@ -38,8 +39,17 @@ const hostFor = (bind: string) => (bind === '0.0.0.0' || bind === '::' ? '127.0.
 
 export async function startController(config: ControllerConfig, logger: Logger): Promise<Controller> {
   await mkdir(config.dataDir, { recursive: true });
+  for (const warning of scaleOutWarnings(config)) logger.warn(warning);
   const store: Store = await openStore({ mongoUrl: config.mongoUrl, dataDir: config.dataDir, inMemory: config.inMemoryStore });
-  const blobs: BlobStore = await openBlobStore({ dataDir: config.dataDir, s3: config.s3 });
+  let blobs: BlobStore;
+  try {
+    blobs = await openBlobStore({ dataDir: config.dataDir, s3: config.s3 }).catch((err: Error) => {
+      throw config.s3 ? s3Unavailable(config.s3, err) : err;
+    });
+  } catch (err) {
+    await store.close().catch(() => {});
+    throw err;
+  }
   const repos = await openRepositories(store);
   const counters: MessageCounters = { dropped: 0, ignored: 0, failed: 0 };
 
@@ -47,7 +57,14 @@ export async function startController(config: ControllerConfig, logger: Logger):
   // services through this late-bound reference.
   let services!: Services;
   const broker = await createBroker(
-    { persistence: config.redisUrl ? { kind: 'redis', url: config.redisUrl } : { kind: 'memory' }, limits: config.broker },
+    {
+      // Unique per process start: Aedes numbers the messages it stores per
+      // broker id from 0, so a restarted broker reusing its id would overwrite
+      // messages still queued in Redis for offline devices.
+      id: `${config.instanceId}-${randomUUID().slice(0, 8)}`,
+      persistence: config.redisUrl ? { kind: 'redis', url: config.redisUrl } : { kind: 'memory' },
+      limits: config.broker,
+    },
     {
       authenticate: (...a) => hooks.authenticate(...a),
       deviceMessage: (...a) => hooks.deviceMessage(...a),
@@ -57,13 +74,18 @@ export async function startController(config: ControllerConfig, logger: Logger):
       revoked: (...a) => hooks.revoked?.(...a),
     },
     logger.child({ component: 'broker' }),
-  );
+  ).catch(async (err: unknown) => {
+    await blobs.close().catch(() => {});
+    await store.close().catch(() => {});
+    throw err;
+  });
   const publisher = createFleetPublisher(broker, logger);
   services = createServices({
     repos, blobs, publisher, logger, heartbeatFlushMs: config.heartbeatFlushMs, maxBundleBytes: config.maxBundleBytes,
     registrationProof: { policy: config.registrationProof, maxSkewSeconds: config.registrationMaxSkewSeconds },
     announceRevocation: (r) => broker.announceRevocation(r),
     sweepIntervalMs: config.sweepIntervalMs,
+    instanceId: config.instanceId,
   });
   if (config.registrationProof === 'optional') {
     logger.warn('KERNEX_REGISTRATION_PROOF=optional: devices may register without proving they hold their private key');
@@ -72,7 +94,9 @@ export async function startController(config: ControllerConfig, logger: Logger):
     devices: services.devices, deployments: services.deployments, tokens: services.tokens, access: services.access,
     logger: logger.child({ component: 'mqtt' }), counters,
   });
-  await services.devices.start(!config.redisUrl);
+  // Alone, this process held every MQTT connection; on a shared Redis-backed
+  // broker, only those marked as its own.
+  await services.devices.start(config.redisUrl ? 'own' : 'all');
   // A broker that keeps retained messages in memory starts empty: give it
   // back every device's latest configuration before devices connect.
   if (!config.redisUrl) await services.configs.republishAll();
@@ -130,7 +154,18 @@ export async function startController(config: ControllerConfig, logger: Logger):
     await services.sweeper.stop().catch(() => {});
     await services.devices.stop().catch(() => {});
     await broker.close().catch(() => {});
+    await blobs.close().catch(() => {});
     await store.close().catch(() => {});
     throw err;
   }
+}
+
+/** Why the S3 store could not be opened, saying where it was looked for (never with the secret). */
+function s3Unavailable(s3: S3Settings, err: Error): Error {
+  const where = `${s3.useSSL === false ? 'http' : 'https'}://${s3.endPoint}${s3.port ? `:${s3.port}` : ''}`;
+  return new Error(
+    `cannot use S3 bucket '${s3.bucket}' at ${where} (${err.message}). ` +
+      'Check that the server is reachable and the KERNEX_S3_* settings (or KERNEX_S3_URL) are right.',
+    { cause: err },
+  );
 }

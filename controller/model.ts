@@ -13,6 +13,10 @@ export interface DeviceDoc extends StoredDocument {
   status: DeviceStatus;
   /** How the device last reached us: a held MQTT connection or HTTP polling. */
   connection: 'mqtt' | 'http' | null;
+  /** The controller instance holding the device's MQTT connection (or that held it last). */
+  mqtt_instance?: string | null;
+  /** Incremented by every MQTT connection; writes about a connection are conditional on it. */
+  mqtt_generation?: number;
   last_heartbeat: string | null;
   current_bundle_version: string | null;
   config_version: number | null;

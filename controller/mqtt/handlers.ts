@@ -98,7 +98,7 @@ export function createBrokerHooks(deps: {
     },
 
     clientReady(principal) {
-      if (principal.kind === 'device') devices.connected(principal.deviceId);
+      if (principal.kind === 'device') void devices.connected(principal.deviceId);
     },
 
     clientGone(principal) {

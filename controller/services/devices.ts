@@ -1,6 +1,13 @@
 // Devices: registration, credentials, presence and heartbeats. Heartbeats are
 // the hot path: the latest one per device lives in memory and is written to
 // the store in batches, never one synchronous write per heartbeat.
+//
+// Presence with several controllers: each MQTT connection claims the device
+// with one store write that increments `mqtt_generation` and names this
+// instance in `mqtt_instance`. Everything that connection later writes
+// (heartbeats, the final "offline") is conditional on that generation, so an
+// instance that learns late that a device left it (the device has already
+// connected to another instance) can no longer overwrite the newer state.
 import { randomUUID, timingSafeEqual } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
@@ -11,12 +18,14 @@ import type { FleetPublisher } from '../mqtt/publisher.js';
 import type { TokenService } from './tokens.js';
 import { hashToken, newToken } from './tokens.js';
 import { ApiError, conflict, forbidden, notFound } from '../errors.js';
-import { DuplicateKeyError } from '../store/index.js';
+import { DuplicateKeyError, type BulkUpdate } from '../store/index.js';
 import { parsePublicKey, verifyRegistrationProof, type ProofOptions } from './registration-proof.js';
 
 interface LiveState {
   status: DeviceStatus;
   connection: 'mqtt' | 'http';
+  /** For MQTT: the connection generation this state belongs to. */
+  generation?: number;
   last_heartbeat: string | null;
   bundle_version?: string | null;
   config_version?: number | null;
@@ -26,6 +35,8 @@ interface LiveState {
 
 export interface DeviceServiceOptions {
   flushMs: number;
+  /** This controller's stable name; it owns the presence of the devices connected to it. */
+  instanceId: string;
   /** Seconds without a heartbeat after which an HTTP-polling device is offline. */
   httpOfflineAfterSeconds?: number;
   /** Registration proof of possession; required unless configured otherwise. */
@@ -35,6 +46,13 @@ export interface DeviceServiceOptions {
 }
 
 const DEVICE_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
+
+/** One MQTT connection of a device to this instance. */
+interface Session {
+  /** Resolves to the generation the connection claimed (null: the device is gone from the store). */
+  claim: Promise<number | null>;
+  generation?: number;
+}
 
 const equalHashes = (a: string, b: string) => a.length === b.length && timingSafeEqual(Buffer.from(a), Buffer.from(b));
 
@@ -49,8 +67,8 @@ function samePublicKey(stored: string, normalized: string): boolean {
 }
 
 export class DeviceService {
-  /** Heartbeats and presence not yet written to the store. */
-  private pending = new Map<string, LiveState>();
+  /** Heartbeats (and HTTP presence) not yet written to the store. */
+  private pending = new Map<string, { state: LiveState; session?: Session }>();
   /** The newest known live state per device (also what is already flushed). */
   private live = new Map<string, LiveState>();
   private pollingIntervals = new Map<string, number>();
@@ -60,10 +78,14 @@ export class DeviceService {
    * names evicts entries, it cannot grow the map.
    */
   private tokenHashes: LRUCache<string, string>;
+  /** MQTT connections held by this instance: the generation each claimed (a promise until the store answered). */
+  private sessions = new Map<string, Session>();
+  /** Connections that ended: their "offline" is written, conditionally, at the next flush. */
+  private ended = new Map<string, Session>();
   private timers: NodeJS.Timeout[] = [];
   private flushing: Promise<void> = Promise.resolve();
   /** Heartbeats accepted since start, and writes that carried them (batches). */
-  readonly counters = { heartbeats: 0, flushes: 0, flushedDevices: 0 };
+  readonly counters = { heartbeats: 0, flushes: 0, flushedDevices: 0, staleOffline: 0 };
 
   constructor(
     private repos: Repositories,
@@ -77,14 +99,16 @@ export class DeviceService {
     this.tokenHashes = new LRUCache({ max: options.credentialCacheSize ?? 50_000, ttl: 10 * 60_000 });
   }
 
-  async start(resetMqttPresence: boolean): Promise<void> {
-    if (resetMqttPresence) {
-      // One process owns every MQTT connection: none survive a restart.
-      await this.repos.devices.updateMany(
-        { connection: 'mqtt', status: { $ne: 'offline' } },
-        { $set: { status: 'offline', updated_at: now() } },
-      );
-    }
+  /**
+   * `presence`: 'all' when this process is the only broker (no MQTT
+   * connection survives its restart); 'own' when it shares a Redis-backed
+   * broker with others: only the devices this instance held are reset, since
+   * those connected elsewhere are still online.
+   */
+  async start(presence: 'all' | 'own'): Promise<void> {
+    const filter: Record<string, unknown> = { connection: 'mqtt', status: { $ne: 'offline' } };
+    if (presence === 'own') filter.mqtt_instance = this.options.instanceId;
+    await this.repos.devices.updateMany(filter, { $set: { status: 'offline', updated_at: now() } });
     this.timers.push(setInterval(() => void this.flush(), this.options.flushMs).unref());
     this.timers.push(setInterval(() => void this.sweep(), 5_000).unref());
   }
@@ -124,7 +148,8 @@ export class DeviceService {
     const at = now();
     const device: DeviceDoc = {
       _id: randomUUID(), device_id: req.device_id, public_key: normalized, token_hash: hashToken(token),
-      status: 'offline', connection: null, last_heartbeat: null, current_bundle_version: null, config_version: null,
+      status: 'offline', connection: null, mqtt_instance: null, mqtt_generation: 0,
+      last_heartbeat: null, current_bundle_version: null, config_version: null,
       uptime: null, metrics: null, hardware_id: req.hardware_id ?? null, metadata: (req.metadata as Record<string, unknown>) ?? null,
       revoked_at: null, proof_at: proofAt, created_at: at, updated_at: at,
     };
@@ -198,6 +223,7 @@ export class DeviceService {
   heartbeat(deviceId: string, hb: Heartbeat, via: 'mqtt' | 'http'): void {
     this.counters.heartbeats++;
     const previous = this.live.get(deviceId);
+    const session = via === 'mqtt' ? this.sessions.get(deviceId) : undefined;
     const state: LiveState = {
       status: hb.status ?? 'online',
       connection: via,
@@ -207,53 +233,133 @@ export class DeviceService {
       uptime: hb.uptime,
       metrics: hb.metrics,
     };
+    if (session?.generation !== undefined) state.generation = session.generation;
     this.live.set(deviceId, state);
-    this.pending.set(deviceId, state);
+    this.pending.set(deviceId, { state, session });
     if (!previous || previous.status !== state.status || previous.bundle_version !== state.bundle_version) {
       void this.publishStatus(deviceId, state);
     }
   }
 
-  connected(deviceId: string): void {
-    const state: LiveState = { ...(this.live.get(deviceId) ?? { last_heartbeat: null }), status: 'online', connection: 'mqtt' };
-    this.live.set(deviceId, state);
-    this.pending.set(deviceId, state);
-    void this.publishStatus(deviceId, state);
+  /**
+   * A device's MQTT connection is ready on this instance: claim its presence
+   * now (one write per connection, not per heartbeat), so that what another
+   * instance still has to say about an older connection no longer applies.
+   */
+  connected(deviceId: string): Promise<void> {
+    const session: Session = {
+      claim: this.repos.devices.findOneAndUpdate(
+        { device_id: deviceId },
+        {
+          $inc: { mqtt_generation: 1 },
+          $set: { status: 'online', connection: 'mqtt', mqtt_instance: this.options.instanceId, updated_at: now() },
+        },
+      ).then((doc) => {
+        session.generation = doc?.mqtt_generation ?? undefined;
+        return session.generation ?? null;
+      }),
+    };
+    this.sessions.set(deviceId, session);
+    return session.claim.then(
+      (generation) => {
+        if (generation === null || this.sessions.get(deviceId) !== session) return;
+        const state: LiveState = {
+          ...(this.live.get(deviceId) ?? { last_heartbeat: null }), status: 'online', connection: 'mqtt', generation,
+        };
+        this.live.set(deviceId, state);
+        void this.publishStatus(deviceId, state);
+      },
+      (err: Error) => this.logger.error({ deviceId, err: err.message }, 'could not record that the device connected'),
+    );
   }
 
+  /** The device's connection to this instance ended; "offline" is written at the next flush, if still true. */
   disconnected(deviceId: string): void {
-    const state: LiveState = { ...(this.live.get(deviceId) ?? { last_heartbeat: null }), status: 'offline', connection: 'mqtt' };
-    this.live.set(deviceId, state);
-    this.pending.set(deviceId, state);
-    void this.publishStatus(deviceId, state);
+    const session = this.sessions.get(deviceId);
+    if (!session) return;
+    this.sessions.delete(deviceId);
+    this.ended.set(deviceId, session);
   }
 
   /** Writes every buffered heartbeat and presence change in one batch. */
   flush(): Promise<void> {
     this.flushing = this.flushing.then(async () => {
-      if (this.pending.size === 0) return;
-      const batch = this.pending;
-      this.pending = new Map();
-      const at = now();
-      const ops = [...batch].map(([deviceId, s]) => {
-        const set: Record<string, unknown> = { status: s.status, connection: s.connection, updated_at: at };
-        if (s.last_heartbeat) set.last_heartbeat = s.last_heartbeat;
-        if (s.uptime !== undefined) set.uptime = s.uptime;
-        if (s.metrics !== undefined) set.metrics = s.metrics;
-        if (s.config_version !== undefined) set.config_version = s.config_version;
-        return { filter: { device_id: deviceId }, update: { $set: set } };
-      });
-      try {
-        await this.repos.devices.bulkUpdate(ops);
-        this.counters.flushes++;
-        this.counters.flushedDevices += ops.length;
-      } catch (err) {
-        // Keep what failed unless a newer state arrived meanwhile; it goes with the next flush.
-        for (const [id, s] of batch) if (!this.pending.has(id)) this.pending.set(id, s);
-        this.logger.error({ err: (err as Error).message, devices: ops.length }, 'heartbeat flush failed; will retry');
-      }
+      if (this.pending.size > 0) await this.flushHeartbeats();
+      if (this.ended.size > 0) await this.flushEnded();
     });
     return this.flushing;
+  }
+
+  private async flushHeartbeats(): Promise<void> {
+    const batch = this.pending;
+    this.pending = new Map();
+    const at = now();
+    const ops: BulkUpdate[] = [];
+    for (const [deviceId, { state: s, session }] of batch) {
+      const filter: Record<string, unknown> = { device_id: deviceId };
+      if (s.connection === 'mqtt') {
+        // Only while the connection that sent it is still the device's newest.
+        const generation = session ? await session.claim.catch(() => null) : null;
+        if (generation === null) continue;
+        filter.mqtt_generation = generation;
+      } else if (s.status === 'offline') {
+        // An HTTP device swept offline, unless a newer heartbeat got there first.
+        filter.connection = 'http';
+        filter.last_heartbeat = s.last_heartbeat;
+      }
+      const set: Record<string, unknown> = { status: s.status, connection: s.connection, updated_at: at };
+      if (s.last_heartbeat) set.last_heartbeat = s.last_heartbeat;
+      if (s.uptime !== undefined) set.uptime = s.uptime;
+      if (s.metrics !== undefined) set.metrics = s.metrics;
+      if (s.config_version !== undefined) set.config_version = s.config_version;
+      ops.push({ filter, update: { $set: set } });
+    }
+    if (ops.length === 0) return;
+    try {
+      await this.repos.devices.bulkUpdate(ops);
+      this.counters.flushes++;
+      this.counters.flushedDevices += ops.length;
+    } catch (err) {
+      // Keep what failed unless a newer state arrived meanwhile; it goes with the next flush.
+      for (const [id, entry] of batch) if (!this.pending.has(id)) this.pending.set(id, entry);
+      this.logger.error({ err: (err as Error).message, devices: ops.length }, 'heartbeat flush failed; will retry');
+    }
+  }
+
+  /**
+   * "Offline" for connections that ended, each conditional on its generation:
+   * when the device has meanwhile connected again (here or to another
+   * instance), nothing is written and no offline status is published.
+   */
+  private async flushEnded(): Promise<void> {
+    const batch = this.ended;
+    this.ended = new Map();
+    await Promise.all([...batch].map(async ([deviceId, session]) => {
+      try {
+        const generation = await session.claim.catch(() => null);
+        if (generation === null) return;
+        const res = await this.repos.devices.updateOne(
+          { device_id: deviceId, mqtt_generation: generation },
+          { $set: { status: 'offline', updated_at: now() } },
+        );
+        const live = this.live.get(deviceId);
+        const current = live?.connection === 'mqtt' && live.generation === generation;
+        if (res.matched === 0) {
+          this.counters.staleOffline++;
+          this.logger.debug({ deviceId, generation }, 'device reconnected meanwhile; its old connection\'s offline is not recorded');
+          if (current) this.live.delete(deviceId);
+          return;
+        }
+        if (current) {
+          const state: LiveState = { ...live, status: 'offline' };
+          this.live.set(deviceId, state);
+          void this.publishStatus(deviceId, state);
+        }
+      } catch (err) {
+        if (!this.ended.has(deviceId) && !this.sessions.has(deviceId)) this.ended.set(deviceId, session);
+        this.logger.error({ deviceId, err: (err as Error).message }, 'could not record that the device disconnected; will retry');
+      }
+    }));
   }
 
   /** A device's configured heartbeat interval, so a slow poller is not taken for gone. */
@@ -274,7 +380,7 @@ export class DeviceService {
       if (Date.parse(s.last_heartbeat) < at - allowed * 1000) {
         const state: LiveState = { ...s, status: 'offline' };
         this.live.set(deviceId, state);
-        this.pending.set(deviceId, state);
+        this.pending.set(deviceId, { state });
         void this.publishStatus(deviceId, state);
       }
     }
@@ -287,10 +393,17 @@ export class DeviceService {
     });
   }
 
-  /** A device as the API shows it, with the freshest in-memory presence. */
+  /**
+   * A device as the API shows it, with this instance's fresher in-memory
+   * state where it still applies: an MQTT state only while its connection is
+   * the device's newest (another instance may hold the device by now).
+   */
   private view(doc: DeviceDoc): Record<string, unknown> {
     const s = this.live.get(doc.device_id);
-    const merged: DeviceDoc = s
+    const applies = s && (s.connection === 'mqtt'
+      ? s.generation !== undefined && s.generation === doc.mqtt_generation
+      : !(doc.connection === 'mqtt' && doc.status !== 'offline'));
+    const merged: DeviceDoc = s && applies
       ? {
           ...doc, status: s.status, connection: s.connection,
           last_heartbeat: s.last_heartbeat ?? doc.last_heartbeat,
@@ -298,7 +411,7 @@ export class DeviceService {
           uptime: s.uptime ?? doc.uptime,
         }
       : doc;
-    return present(merged, ['token_hash']);
+    return present(merged, ['token_hash', 'mqtt_generation']);
   }
 
   async list(filter: { status?: DeviceStatus; limit?: number; skip?: number } = {}): Promise<Record<string, unknown>[]> {

@@ -48,11 +48,13 @@ export function createServices(deps: {
   /** Tells every controller instance about a revocation (caches, connections). */
   announceRevocation?: (revocation: Revocation) => Promise<void>;
   sweepIntervalMs: number;
+  /** This controller's stable name among several (presence ownership). */
+  instanceId: string;
 }): Services {
   const { repos, blobs, publisher, logger } = deps;
   const tokens = new TokenService(repos, logger);
   const devices = new DeviceService(repos, tokens, publisher, logger, {
-    flushMs: deps.heartbeatFlushMs, proof: deps.registrationProof,
+    flushMs: deps.heartbeatFlushMs, proof: deps.registrationProof, instanceId: deps.instanceId,
   });
   const bundles = new BundleService(repos, blobs, logger, deps.maxBundleBytes);
   const history = new HistoryService(repos, logger);
