@@ -11,6 +11,9 @@ declare module 'aedes-persistence-redis' {
 
   export interface AedesPersistenceRedis {
     setup(broker: unknown): Promise<void>;
+    /** `subs`: for add, the subscriptions ({topic, qos}); for remove, the topics. */
+    addSubscriptions(client: { id: string }, subs: object): Promise<unknown>;
+    removeSubscriptions(client: { id: string }, subs: object): Promise<unknown>;
     destroy(): Promise<void>;
   }
 

@@ -7,7 +7,7 @@
 // broker reaches the clients connected to every other). Together they make any
 // number of controller processes one broker.
 import { Redis } from 'ioredis';
-import aedesPersistenceRedis from 'aedes-persistence-redis';
+import aedesPersistenceRedis, { type AedesPersistenceRedis } from 'aedes-persistence-redis';
 import mqemitterRedis from 'mqemitter-redis';
 import type { Logger } from 'pino';
 
@@ -87,7 +87,7 @@ async function createRedisPersistence(url: string, connectTimeoutMs: number, log
     );
   }
 
-  const persistence = aedesPersistenceRedis({ conn: db });
+  const persistence = oneBroadcastPerSubscribe(aedesPersistenceRedis({ conn: db }));
   // Aedes' own emitter matches empty levels ([MQTT-4.7.1-3]); so must this one.
   const mq = mqemitterRedis({ pubConn, subConn, matchEmptyLevels: true });
   let closed = false;
@@ -110,6 +110,36 @@ async function createRedisPersistence(url: string, connectTimeoutMs: number, log
       for (const c of connections) if (c.status !== 'end') c.disconnect();
     },
   };
+}
+
+/**
+ * Aedes 1.2 calls addSubscriptions(client, packet.subscriptions) once per
+ * topic of a SUBSCRIBE, concurrently. The Redis persistence then broadcasts
+ * each call and waits for its echo under a key made of the client id and the
+ * first topic, so concurrent calls overwrite each other's waiter and all but
+ * one never settle: a SUBSCRIBE of two topics (the agent's commands and
+ * config) on a persistent session never got its SUBACK. Here the calls of one
+ * packet (same array) share one broadcast, and a client's calls run one at a time.
+ */
+function oneBroadcastPerSubscribe(persistence: AedesPersistenceRedis): AedesPersistenceRedis {
+  for (const method of ['addSubscriptions', 'removeSubscriptions'] as const) {
+    const original = persistence[method].bind(persistence);
+    const inflight = new WeakMap<object, Promise<unknown>>();
+    const perClient = new Map<string, Promise<unknown>>();
+    persistence[method] = (client: { id: string }, subs: object) => {
+      const same = inflight.get(subs);
+      if (same) return same;
+      const previous = perClient.get(client.id) ?? Promise.resolve();
+      const call = previous.catch(() => {}).then(() => original(client, subs));
+      inflight.set(subs, call);
+      perClient.set(client.id, call);
+      void call.catch(() => {}).finally(() => {
+        if (perClient.get(client.id) === call) perClient.delete(client.id);
+      });
+      return call;
+    };
+  }
+  return persistence;
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {

@@ -115,6 +115,19 @@ run('broker persistence on Redis', () => {
     expect(messages[0]).toEqual({ topic: 'kernex/devices/dev-c/config', payload: '{"config_version":3}', retain: true });
   });
 
+  test('a persistent session subscribing to several topics at once gets its SUBACK, every time', async () => {
+    // What the agent does on each connection: commands and config in one SUBSCRIBE.
+    const { port } = await broker(1);
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      const c = await device('dev-s', port);
+      const granted = await new Promise<number[]>((resolve, reject) =>
+        c.subscribe(['kernex/devices/dev-s/commands', 'kernex/devices/dev-s/config'], { qos: 1 },
+          (err, g) => (err ? reject(err) : resolve((g ?? []).map((x) => x.qos)))));
+      expect(granted).toEqual([1, 1]);
+      await end(c);
+    }
+  });
+
   test('closing a broker releases its Redis connections', async () => {
     const admin = redis.client();
     const count = async () => ((await admin.client('LIST')) as string).split('\n').filter((l) => l.includes('name=kernex-')).length;
