@@ -37,21 +37,33 @@ export interface Controller {
 
 const hostFor = (bind: string) => (bind === '0.0.0.0' || bind === '::' ? '127.0.0.1' : bind);
 
-export async function startController(config: ControllerConfig, logger: Logger): Promise<Controller> {
+export interface ControllerDeps {
+  /**
+   * A store opened (and closed) by the caller instead of the one the config
+   * names: several controllers in one process can share it, as several
+   * processes share MongoDB.
+   */
+  store?: Store;
+}
+
+export async function startController(config: ControllerConfig, logger: Logger, deps: ControllerDeps = {}): Promise<Controller> {
   await mkdir(config.dataDir, { recursive: true });
   for (const warning of scaleOutWarnings(config)) logger.warn(warning);
-  const store: Store = await openStore({ mongoUrl: config.mongoUrl, dataDir: config.dataDir, inMemory: config.inMemoryStore });
+  const ownStore: Store | undefined = deps.store
+    ? undefined
+    : await openStore({ mongoUrl: config.mongoUrl, dataDir: config.dataDir, inMemory: config.inMemoryStore });
+  const store: Store = deps.store ?? ownStore!;
   let blobs: BlobStore;
   try {
     blobs = await openBlobStore({ dataDir: config.dataDir, s3: config.s3 }).catch((err: Error) => {
       throw config.s3 ? s3Unavailable(config.s3, err) : err;
     });
   } catch (err) {
-    await store.close().catch(() => {});
+    await ownStore?.close().catch(() => {});
     throw err;
   }
   const repos = await openRepositories(store);
-  const counters: MessageCounters = { dropped: 0, ignored: 0, failed: 0 };
+  const counters: MessageCounters = { dropped: 0, ignored: 0, failed: 0, results: 0 };
 
   // The broker's hooks and the services need each other: the hooks reach the
   // services through this late-bound reference.
@@ -76,7 +88,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     logger.child({ component: 'broker' }),
   ).catch(async (err: unknown) => {
     await blobs.close().catch(() => {});
-    await store.close().catch(() => {});
+    await ownStore?.close().catch(() => {});
     throw err;
   });
   const publisher = createFleetPublisher(broker, logger);
@@ -143,7 +155,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
           await services.sweeper.stop();
           await services.devices.stop();
           await blobs.close();
-          await store.close();
+          await ownStore?.close();
           logger.info('controller stopped');
         })();
         return stopping;
@@ -155,7 +167,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     await services.devices.stop().catch(() => {});
     await broker.close().catch(() => {});
     await blobs.close().catch(() => {});
-    await store.close().catch(() => {});
+    await ownStore?.close().catch(() => {});
     throw err;
   }
 }

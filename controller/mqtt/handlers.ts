@@ -15,6 +15,8 @@ export interface MessageCounters {
   ignored: number;
   /** Results that could not be recorded (store unavailable): not acknowledged, so the device sends them again. */
   failed: number;
+  /** Device results this instance processed (with several controllers: only those of devices connected to it). */
+  results: number;
 }
 
 /** The broker hooks, and a way to wait for the device messages being processed (graceful stop). */
@@ -90,6 +92,7 @@ export function createBrokerHooks(deps: {
         throw err;
       }
       if (outcome === 'unknown' || outcome === 'ignored') counters.ignored++;
+      counters.results++;
       return 'accept';
     },
 

@@ -3,7 +3,9 @@ import { mkdtemp, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { loadControllerConfig, startController, type Controller, type ControllerFlags } from '../../controller/index.js';
+import {
+  loadControllerConfig, startController, type Controller, type ControllerDeps, type ControllerFlags,
+} from '../../controller/index.js';
 import type { Credentials } from '../../controller/services/tokens.js';
 
 export interface TestController {
@@ -14,7 +16,9 @@ export interface TestController {
   stop(): Promise<void>;
 }
 
-export async function startTestController(overrides: ControllerFlags = {}, logger?: Logger): Promise<TestController> {
+export async function startTestController(
+  overrides: ControllerFlags = {}, logger?: Logger, deps: ControllerDeps = {},
+): Promise<TestController> {
   const dataDir = overrides.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-ctl-')));
   const config = loadControllerConfig(
     // No Swagger UI in-process: its static-file plugin require()s an ES module,
@@ -23,7 +27,7 @@ export async function startTestController(overrides: ControllerFlags = {}, logge
     { httpHost: '127.0.0.1', mqttHost: '127.0.0.1', httpPort: 0, mqttPort: 0, heartbeatFlushMs: 100, docsUi: false, ...overrides, dataDir },
     {},
   );
-  const controller = await startController(config, logger ?? pino({ level: process.env.KERNEX_TEST_LOG ?? 'silent' }));
+  const controller = await startController(config, logger ?? pino({ level: process.env.KERNEX_TEST_LOG ?? 'silent' }), deps);
   const creds = JSON.parse(await readFile(controller.credentialsFile, 'utf8')) as Credentials;
   return { controller, dataDir, creds, api: new ApiClient(controller.httpUrl, creds.token), stop: () => controller.stop() };
 }
