@@ -50,6 +50,11 @@ export function createBrokerHooks(deps: {
     return 'drop' as const;
   };
 
+  const resend = (deviceId: string) =>
+    void deployments.resendPending(deviceId).catch((err: Error) =>
+      logger.warn({ deviceId, err: err.message }, 'could not re-send pending commands'),
+    );
+
   return {
     async authenticate(clientId, username, password): Promise<Principal | null> {
       if (!password || password.length === 0 || password.length > 512) return null;
@@ -101,7 +106,13 @@ export function createBrokerHooks(deps: {
     },
 
     clientReady(principal) {
-      if (principal.kind === 'device') void devices.connected(principal.deviceId);
+      if (principal.kind !== 'device') return;
+      void devices.connected(principal.deviceId);
+      // A device whose session the broker kept (always, with Redis) does not
+      // subscribe again, so `subscribed` below would never re-send; its
+      // subscriptions are restored by now, so what is pending can go out.
+      // A duplicate is harmless: the agent answers it from its record.
+      resend(principal.deviceId);
     },
 
     clientGone(principal) {
@@ -114,9 +125,7 @@ export function createBrokerHooks(deps: {
 
     subscribed(principal, topic) {
       if (principal.kind !== 'device' || topic !== topics.commands(principal.deviceId)) return;
-      deployments.resendPending(principal.deviceId).catch((err: Error) =>
-        logger.warn({ deviceId: principal.deviceId, err: err.message }, 'could not re-send pending commands'),
-      );
+      resend(principal.deviceId);
     },
   };
 }
