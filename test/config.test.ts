@@ -2,6 +2,7 @@
 // the message an operator gets when one is wrong (never with a secret in it).
 import { hostname } from 'node:os';
 import { loadControllerConfig, ConfigError, CONTROLLER_ENV, scaleOutWarnings } from '../controller/index.js';
+import { AGENT_ENV } from '../agent/index.js';
 
 const load = (env: Record<string, string>) => loadControllerConfig({}, env);
 const refusal = (env: Record<string, string>) => {
@@ -86,4 +87,10 @@ test('every KERNEX_* variable the controller reads is listed in CONTROLLER_ENV',
   const source = await readFile(new URL('../controller/config.ts', import.meta.url), 'utf8');
   const read = new Set([...source.matchAll(/env\.(KERNEX_[A-Z0-9_]+)/g)].map((m) => m[1]));
   for (const name of read) expect(CONTROLLER_ENV).toContain(name);
+});
+
+test('the README documents every KERNEX_* variable the controller and the agent read', async () => {
+  const { readFile } = await import('node:fs/promises');
+  const readme = await readFile(new URL('../README.md', import.meta.url), 'utf8');
+  for (const name of [...CONTROLLER_ENV, ...AGENT_ENV, 'KERNEX_LOG_JSON']) expect(readme).toContain(`\`${name}\``);
 });
