@@ -64,6 +64,11 @@ export interface BrokerOptions {
   id?: string;
   persistence?: PersistenceConfig;
   limits?: Partial<BrokerLimits>;
+  /**
+   * How often this broker tells the others on its Redis that it is alive
+   * (Aedes' heartbeat); one silent for 3 intervals counts as gone. Default 60 s.
+   */
+  heartbeatIntervalMs?: number;
 }
 
 export interface Broker {
@@ -71,6 +76,8 @@ export interface Broker {
   readonly limits: BrokerLimits;
   /** This broker's id among the brokers sharing one Redis (unique per process start). */
   readonly id: string;
+  /** Ids of the brokers (this one included) heard from within the last 3 heartbeat intervals. */
+  peers(): string[];
   listenTcp(port: number, host?: string): Promise<AddressInfo>;
   /** MQTT over TLS (8883 by convention). */
   listenTls(port: number, host: string | undefined, tls: TlsOptions): Promise<AddressInfo>;
@@ -113,11 +120,13 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
   const limits: BrokerLimits = { ...DEFAULT_BROKER_LIMITS, ...options.limits };
   const gate = new ConnectionGate(limits);
   const servers: Array<Server | WebSocketServer> = [];
+  const heartbeatMs = options.heartbeatIntervalMs ?? 60_000;
 
   const aedes = await Aedes.createBroker({
     id: options.id,
     persistence: persistence.persistence,
     mq: persistence.mq,
+    heartbeatInterval: heartbeatMs,
     connectTimeout: limits.connectTimeoutMs,
     drainTimeout: limits.drainTimeoutMs,
     maxClientsIdLength: 128,
@@ -260,6 +269,11 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     aedes,
     limits,
     id: aedes.id,
+    peers() {
+      const since = Date.now() - 3 * heartbeatMs;
+      const heard = Object.entries(aedes.brokers as Record<string, number>).filter(([, at]) => at >= since).map(([id]) => id);
+      return [...new Set([aedes.id, ...heard])];
+    },
     listenTcp(port, host) {
       return listen(createServer((socket: Socket) => accept(socket)), port, host);
     },

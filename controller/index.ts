@@ -70,12 +70,10 @@ export async function startController(config: ControllerConfig, logger: Logger, 
   let services!: Services;
   const broker = await createBroker(
     {
-      // Unique per process start: Aedes numbers the messages it stores per
-      // broker id from 0, so a restarted broker reusing its id would overwrite
-      // messages still queued in Redis for offline devices.
-      id: `${config.instanceId}-${randomUUID().slice(0, 8)}`,
+      id: brokerId(config.instanceId),
       persistence: config.redisUrl ? { kind: 'redis', url: config.redisUrl } : { kind: 'memory' },
       limits: config.broker,
+      heartbeatIntervalMs: BROKER_HEARTBEAT_MS,
     },
     {
       authenticate: (...a) => hooks.authenticate(...a),
@@ -114,6 +112,15 @@ export async function startController(config: ControllerConfig, logger: Logger, 
   if (!config.redisUrl) await services.configs.republishAll();
   // Before any device connects: completes what a crash left half-recorded, then enforces timeouts periodically.
   await services.sweeper.start();
+  // On a shared Redis, devices held by an instance that died and that did
+  // not come back elsewhere would stay "online": each instance sweeps them.
+  const orphanSweep = config.redisUrl
+    ? setInterval(() => {
+        const alive = broker.peers().map(instanceOf);
+        services.devices.sweepOrphans(alive, 3 * BROKER_HEARTBEAT_MS).catch((err: Error) =>
+          logger.warn({ err: err.message }, 'could not sweep devices of controller instances that are gone'));
+      }, BROKER_HEARTBEAT_MS).unref()
+    : undefined;
 
   let app: FastifyInstance | undefined;
   try {
@@ -149,6 +156,7 @@ export async function startController(config: ControllerConfig, logger: Logger, 
       stop() {
         stopping ??= (async () => {
           logger.info('controller stopping');
+          clearInterval(orphanSweep);
           await httpApp.close();
           await broker.close();
           await hooks.drain();
@@ -162,6 +170,7 @@ export async function startController(config: ControllerConfig, logger: Logger, 
       },
     };
   } catch (err) {
+    clearInterval(orphanSweep);
     await app?.close().catch(() => {});
     await services.sweeper.stop().catch(() => {});
     await services.devices.stop().catch(() => {});
@@ -171,6 +180,18 @@ export async function startController(config: ControllerConfig, logger: Logger, 
     throw err;
   }
 }
+
+/** How often each controller's broker announces itself on a shared Redis; 3 silent intervals mean it is gone. */
+const BROKER_HEARTBEAT_MS = 15_000;
+
+/**
+ * The broker id: the instance id and a suffix unique per process start.
+ * Aedes numbers the messages it stores per broker id from 0, so a restarted
+ * broker reusing its id would overwrite messages still queued in Redis for
+ * offline devices. `~` cannot occur in an instance id.
+ */
+const brokerId = (instanceId: string) => `${instanceId}~${randomUUID().slice(0, 8)}`;
+const instanceOf = (id: string) => id.split('~')[0]!;
 
 /** Why the S3 store could not be opened, saying where it was looked for (never with the secret). */
 function s3Unavailable(s3: S3Settings, err: Error): Error {

@@ -128,6 +128,20 @@ run('broker persistence on Redis', () => {
     }
   });
 
+  test('brokers on one Redis know which of them are alive', async () => {
+    const make = async () => {
+      const b = await createBroker({ persistence: { kind: 'redis', url: redis.url }, heartbeatIntervalMs: 200 }, hooks(7), logger);
+      brokers.push(b);
+      return b;
+    };
+    const a = await make();
+    const b = await make();
+    await waitFor(() => a.peers().includes(b.id) && b.peers().includes(a.id), 'each to hear the other');
+    await b.close();
+    await waitFor(() => !a.peers().includes(b.id), 'a closed broker to fall silent', 5_000);
+    expect(a.peers()).toContain(a.id);
+  });
+
   test('closing a broker releases its Redis connections', async () => {
     const admin = redis.client();
     const count = async () => ((await admin.client('LIST')) as string).split('\n').filter((l) => l.includes('name=kernex-')).length;

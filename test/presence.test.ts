@@ -133,3 +133,29 @@ test('one flush writes every buffered heartbeat in one batch', async () => {
   expect(batches[0]).toHaveLength(50);
   expect((await doc('dev-49')).uptime).toBe(2);
 });
+
+test('devices of an instance that is gone are swept offline by another, once quiet long enough', async () => {
+  for (const id of ['d1', 'd2']) await register(id);
+  const a = instance('A');
+  const b = instance('B');
+  await a.devices.connected('d1');
+  await b.devices.connected('d2');
+
+  // A is silent (killed), but d1 was heard from too recently to conclude anything.
+  expect(await b.devices.sweepOrphans(['B'], 60_000)).toBe(0);
+  expect((await doc('d1')).status).toBe('online');
+
+  await new Promise((r) => setTimeout(r, 20));
+  expect(await b.devices.sweepOrphans(['B'], 10)).toBe(1);
+  expect(await doc('d1')).toEqual(expect.objectContaining({ status: 'offline', mqtt_instance: 'A', mqtt_generation: 1 }));
+  expect((await doc('d2')).status).toBe('online');
+  expect(b.statuses.filter((s) => s.device_id === 'd1').map((s) => s.status)).toEqual(['offline']);
+  // Nothing left to sweep; A alive again would have kept it.
+  expect(await b.devices.sweepOrphans(['B'], 10)).toBe(0);
+
+  // d1 comes back (through B): the sweep does not touch a live connection.
+  await b.devices.connected('d1');
+  await new Promise((r) => setTimeout(r, 20));
+  expect(await b.devices.sweepOrphans(['B'], 10)).toBe(0);
+  expect((await doc('d1')).status).toBe('online');
+});

@@ -362,6 +362,41 @@ export class DeviceService {
     }));
   }
 
+  /**
+   * Devices still marked online through a controller instance that is gone
+   * (its broker fell silent on the shared Redis, e.g. it was killed) and that
+   * have not reconnected elsewhere since `quietMs`: offline. Each write is
+   * conditional on the connection generation seen, so a device that
+   * reconnects meanwhile is left alone. One query, one batch.
+   */
+  async sweepOrphans(aliveInstances: string[], quietMs: number): Promise<number> {
+    const cutoff = new Date(Date.now() - quietMs).toISOString();
+    const orphans = await this.repos.devices.find({
+      connection: 'mqtt', status: { $ne: 'offline' }, updated_at: { $lt: cutoff },
+      mqtt_instance: { $nin: [...new Set([...aliveInstances, this.options.instanceId])] },
+    }, { limit: 1000 });
+    if (orphans.length === 0) return 0;
+    const at = now();
+    await this.repos.devices.bulkUpdate(orphans.map((d) => ({
+      filter: { device_id: d.device_id, mqtt_generation: d.mqtt_generation ?? 0, status: { $ne: 'offline' } },
+      update: { $set: { status: 'offline', updated_at: at } },
+    })));
+    const generation = new Map(orphans.map((d) => [d.device_id, d.mqtt_generation ?? 0]));
+    const swept = (await this.repos.devices.find({ device_id: { $in: [...generation.keys()] }, updated_at: at, status: 'offline' }))
+      .filter((d) => (d.mqtt_generation ?? 0) === generation.get(d.device_id));
+    for (const d of swept) {
+      void this.publishStatus(d.device_id, {
+        status: 'offline', connection: 'mqtt', last_heartbeat: d.last_heartbeat, bundle_version: d.current_bundle_version,
+        config_version: d.config_version,
+      });
+    }
+    if (swept.length) {
+      this.logger.info({ devices: swept.length, instances: [...new Set(orphans.map((d) => d.mqtt_instance))] },
+        'devices of controller instances that are gone marked offline');
+    }
+    return swept.length;
+  }
+
   /** A device's configured heartbeat interval, so a slow poller is not taken for gone. */
   setPollingInterval(deviceId: string, seconds: number): void {
     this.pollingIntervals.set(deviceId, seconds);
