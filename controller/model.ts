@@ -176,6 +176,8 @@ export async function openRepositories(store: Store): Promise<Repositories> {
   await Promise.all([
     repos.devices.ensureIndex({ fields: { device_id: 1 }, unique: true }),
     repos.devices.ensureIndex({ fields: { token_hash: 1 } }),
+    // Presence: devices an instance held (reset on restart; swept when it is gone).
+    repos.devices.ensureIndex({ fields: { connection: 1, status: 1, mqtt_instance: 1 } }),
     repos.bundles.ensureIndex({ fields: { version: 1 }, unique: true }),
     repos.deployments.ensureIndex({ fields: { created_at: -1 } }),
     repos.deviceDeployments.ensureIndex({ fields: { deployment_id: 1, device_id: 1 } }),

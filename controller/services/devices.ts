@@ -372,8 +372,10 @@ export class DeviceService {
   async sweepOrphans(aliveInstances: string[], quietMs: number): Promise<number> {
     const cutoff = new Date(Date.now() - quietMs).toISOString();
     const orphans = await this.repos.devices.find({
-      connection: 'mqtt', status: { $ne: 'offline' }, updated_at: { $lt: cutoff },
+      // Shaped for the (connection, status, mqtt_instance) index: bounds on all three.
+      connection: 'mqtt', status: { $in: ['online', 'error'] },
       mqtt_instance: { $nin: [...new Set([...aliveInstances, this.options.instanceId])] },
+      updated_at: { $lt: cutoff },
     }, { limit: 1000 });
     if (orphans.length === 0) return 0;
     const at = now();
