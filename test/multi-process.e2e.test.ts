@@ -118,10 +118,11 @@ run('two controller processes on one Redis', () => {
     expect(again.status).toBe(201);
     const d2 = again.body.deployment_id as string;
 
-    // The device reconnects through the balancer to instance 2, which
-    // receives both outcomes: the new deployment's, and deployment 1's again
-    // (re-sent by instance 2 as still pending when the device connected;
-    // answered from the agent's record, not run again).
+    // The device reaches instance 2 through the balancers (over MQTT, or
+    // over its HTTP fallback until MQTT is back), and instance 2 receives
+    // both outcomes: the new deployment's, and deployment 1's again (re-sent
+    // by instance 2 as still pending; answered from the agent's record, not
+    // run again).
     await waitFor(async () => (await deployment(two.api, d2)).finished_at, 'deployment 2 to finish', 30_000)
       .catch((err: Error) => {
         throw new Error(`${err.message}\nagent:\n${agent.output()}\ninstance 2:\n${two.output()}`);
@@ -130,6 +131,9 @@ run('two controller processes on one Redis', () => {
     expect(await deployment(two.api, d1)).toEqual(expect.objectContaining({ status: 'success' }));
     expect(await deployment(two.api, d2)).toEqual(expect.objectContaining({ status: 'success' }));
     expect(await readFile(out, 'utf8')).toBe('deploy 3.0.0\ndeploy 3.1.0\n');
+    // The agent may have done that over its HTTP fallback; its MQTT connection
+    // comes back through the balancer, to instance 2.
+    await waitFor(() => lb.connections().length === 1, 'the MQTT connection back', 30_000);
     expect(lb.connections()).toEqual([{ target: two.mqttPort }]);
     await waitFor(async () => {
       const d = (await two.api.get('/devices/dev-p')).body;
