@@ -111,7 +111,13 @@ async function snapshot(attackers: string[] = []) {
     (await c.find({})).sort((a, b) => a._id.localeCompare(b._id));
   // An attacker's own connection changes its own presence; nothing else of it may change.
   const mask = <T extends Record<string, unknown>>(d: T): T =>
-    attackers.includes(String(d.device_id)) ? { ...d, status: '(presence)', connection: '(presence)', updated_at: '(presence)' } : d;
+    attackers.includes(String(d.device_id))
+      ? {
+          ...d, status: '(presence)', connection: '(presence)', updated_at: '(presence)',
+          // Each connection claims the device for the instance it reached, with a new generation.
+          mqtt_instance: '(presence)', mqtt_generation: '(presence)',
+        }
+      : d;
   const listed = (await tc.api.get('/devices')).body as Array<Record<string, unknown>>;
   return {
     devices: (await all(r.devices)).map((d) => mask(d as unknown as Record<string, unknown>)),

@@ -30,9 +30,15 @@ function instance(id: string, collectionOverride?: Collection<DeviceDoc>) {
   return { devices, statuses };
 }
 
+/** A registered device, as registration stores it (registration itself is tested elsewhere). */
 async function register(deviceId: string) {
-  const enrollment = await new TokenService(repos, logger).create('enrollment', 'test');
-  await instance('registrar').devices.register({ device_id: deviceId, public_key: `key-${deviceId}`, enrollment_token: enrollment.token });
+  const at = new Date().toISOString();
+  await repos.devices.insertOne({
+    _id: `id-${deviceId}`, device_id: deviceId, public_key: `key-${deviceId}`, token_hash: null, status: 'offline',
+    connection: null, mqtt_instance: null, mqtt_generation: 0, last_heartbeat: null, current_bundle_version: null,
+    config_version: null, uptime: null, metrics: null, hardware_id: null, metadata: null, revoked_at: null,
+    created_at: at, updated_at: at,
+  });
 }
 
 const doc = async (deviceId: string) => (await repos.devices.findOne({ device_id: deviceId }))!;
