@@ -125,8 +125,12 @@ test('SIGKILL mid-deployment (20 devices), restart on the same data dir: nothing
   const history = await historyOf(ctl, id);
   expect(history.map((h) => h.device_id).sort()).toEqual([...targets].sort());
   expect(history.every((h) => h.status === 'success')).toBe(true);
-  const devices = (await ctl.api.get('/devices')).body as Array<{ device_id: string; current_bundle_version: string }>;
-  expect(devices.filter((d) => d.current_bundle_version === '5.0.0').map((d) => d.device_id).sort()).toEqual([...targets].sort());
+  // The deployment completes once every state is final; each device's version
+  // is written by that device's own finalization, which may still be running.
+  const onVersion = async () => ((await ctl.api.get('/devices')).body as Array<{ device_id: string; current_bundle_version: string }>)
+    .filter((d) => d.current_bundle_version === '5.0.0').map((d) => d.device_id).sort();
+  await waitFor(async () => (await onVersion()).length === targets.length, 'every device on 5.0.0');
+  expect(await onVersion()).toEqual([...targets].sort());
 
   // Device side: each ran the deploy exactly once.
   for (const a of real) {
@@ -191,6 +195,8 @@ test('SIGKILL between a final state and its history: the sweep at restart comple
     const states = await deviceStates(ctl, id);
     return states.get('crash-a')!.status === 'success' && slow.holds(id);
   }, 'crash-a done, crash-b running');
+  // crash-a's history follows its final state: let it land before the kill, as the case assumes.
+  await waitFor(async () => (await historyOf(ctl, id)).length === 1, 'crash-a\'s history');
   await slow.drop();
   expect(await ctl.kill('SIGKILL')).toEqual({ code: null, signal: 'SIGKILL' });
 

@@ -437,8 +437,12 @@ export class DeviceService {
    */
   private view(doc: DeviceDoc): Record<string, unknown> {
     const s = this.live.get(doc.device_id);
+    const session = this.sessions.get(doc.device_id);
     const applies = s && (s.connection === 'mqtt'
-      ? s.generation !== undefined && s.generation === doc.mqtt_generation
+      // Held here: newest unless another instance has claimed the device since
+      // (an unanswered claim is newer than anything the store holds).
+      ? (session !== undefined && (session.generation === undefined || session.generation >= (doc.mqtt_generation ?? 0))) ||
+        (s.generation !== undefined && s.generation === doc.mqtt_generation)
       : !(doc.connection === 'mqtt' && doc.status !== 'offline'));
     const merged: DeviceDoc = s && applies
       ? {
