@@ -93,9 +93,9 @@ export interface DeviceDeploymentDoc extends StoredDocument {
   updated_at: string;
   /**
    * Set in the same write that makes the state final, unset once its history
-   * entry, the device's version and the deployment's completion are written. A
-   * crash or a store failure in between leaves it set, and the device's re-sent
-   * result or the sweeper completes the rest.
+   * entry and the device's version are written; the deployment completes only
+   * when no state is live or finalizing. A crash or a store failure in between
+   * leaves it set, and the device's re-sent result or the sweeper completes the rest.
    */
   finalizing?: boolean;
 }

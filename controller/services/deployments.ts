@@ -194,6 +194,10 @@ export class DeploymentService {
     if (!current) return 'unknown';
     // An earlier attempt stopped between the state and its consequences: complete them now.
     if (current.finalizing) await this.finalize([current], { count: false });
+    // Or it stopped after the mark was removed, before the deployment's completion.
+    else if ((await this.repos.deployments.findOne({ _id: current.deployment_id }))?.finished_at === null) {
+      await this.completeIfDone(current.deployment_id);
+    }
     if (current.status === result.status) {
       this.logger.debug({ deviceId, deploymentId: current.deployment_id }, 'duplicate result ignored');
       return 'duplicate';
@@ -206,30 +210,36 @@ export class DeploymentService {
   }
 
   /**
-   * What follows states becoming final: their history entries, the device's
-   * current version, the deployment's counters and, after the last device,
-   * the deployment's outcome; then the states' `finalizing` mark is removed.
+   * What follows states becoming final: their history entries and the
+   * device's current version; then the states' `finalizing` mark is removed;
+   * then the deployment's counters and, once no state is live or finalizing,
+   * its outcome. The deployment is thus never finished before every device's
+   * history and version are written, even when several devices' results are
+   * being finalized at once (the last mark removed sees the others gone).
    * Every step but the counting is idempotent, so a repeat after a crash or a
    * store failure halfway (`count: false`) changes nothing already done.
    * Progress counters are incremented once per state in the normal path; a
    * repair does not increment (it cannot know whether the first attempt did),
    * and the outcome is counted exactly from the states when the deployment
    * completes, so a crash can at worst make the progress figures lag a little.
+   * A crash between the mark's removal and the completion is completed by the
+   * sweep at start (`completeUnfinished`), a store failure there by the
+   * device's re-sent result (`alreadyFinal`).
    */
   async finalize(states: DeviceDeploymentDoc[], opts: { count: boolean }): Promise<void> {
     if (!states.length) return;
     await this.writeHistory(states);
     for (const s of states) if (s.status === 'success') await this.updateDeviceVersion(s);
+    await this.repos.deviceDeployments.updateMany(
+      { _id: { $in: states.map((s) => s._id) }, finalizing: true },
+      { $unset: { finalizing: true } },
+    );
     const byDeployment = new Map<string, DeviceDeploymentDoc[]>();
     for (const s of states) byDeployment.set(s.deployment_id, [...(byDeployment.get(s.deployment_id) ?? []), s]);
     for (const [deploymentId, group] of byDeployment) {
       if (opts.count) await this.countFinished(deploymentId, group);
       await this.completeIfDone(deploymentId);
     }
-    await this.repos.deviceDeployments.updateMany(
-      { _id: { $in: states.map((s) => s._id) }, finalizing: true },
-      { $unset: { finalizing: true } },
-    );
   }
 
   private async writeHistory(states: DeviceDeploymentDoc[]): Promise<void> {
@@ -266,7 +276,8 @@ export class DeploymentService {
   }
 
   /**
-   * Finishes the deployment once none of its devices is pending or in progress.
+   * Finishes the deployment once none of its devices is pending, in progress
+   * or finalizing.
    * "Any left?" is asked of the states themselves (through their `_id` range,
    * stopping at the first live one), never of a counter a crash could have
    * skewed; the final counts are then taken exactly, once.
@@ -274,6 +285,8 @@ export class DeploymentService {
   async completeIfDone(deploymentId: string): Promise<void> {
     const states = this.repos.deviceDeployments;
     if (await states.findOne({ ...statesOf(deploymentId), status: { $in: LIVE_DEVICE_STATUSES } })) return;
+    // A final state still being finalized (its history or version not yet written) holds the completion back.
+    if (await states.findOne({ ...statesOf(deploymentId), finalizing: true })) return;
     const count = (status: DeviceDeploymentStatus) => states.count({ ...statesOf(deploymentId), status });
     const [succeeded, failedOnly, timedOut] = await Promise.all([count('success'), count('failed'), count('timed_out')]);
     const failed = failedOnly + timedOut;

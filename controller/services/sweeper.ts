@@ -6,7 +6,9 @@
 //     deployments; each one's remaining states change in one conditional write
 //     (a result arriving at the same moment wins or loses cleanly).
 //   - Repairs: states left `finalizing` by a crash or a store failure between
-//     a final state and its history/completion are completed.
+//     a final state and its history/version are completed; at start, so are
+//     deployments whose last state was finalized but which were never marked
+//     finished.
 import type { Logger } from 'pino';
 import { LIVE_DEVICE_STATUSES, now, statesOf, type Repositories } from '../model.js';
 import type { DeploymentService } from './deployments.js';
@@ -65,6 +67,7 @@ export class DeploymentSweeper {
   private async pass(opts: { repairAll?: boolean }): Promise<SweepReport> {
     const report: SweepReport = { timedOut: 0, repaired: 0 };
     await this.repair(report, opts.repairAll ?? false);
+    if (opts.repairAll) await this.completeUnfinished();
     // `$gt: ''` keeps the range off deployments without a deadline in any backend.
     const due = await this.repos.deployments.find(
       { deadline_at: { $gt: '', $lte: now() }, finished_at: null },
@@ -93,6 +96,23 @@ export class DeploymentSweeper {
     // Every device had reported, but the deployment was never marked finished (a crash in between).
     else await this.deployments.completeIfDone(deploymentId);
     return expired.length;
+  }
+
+  /**
+   * At start: deployments whose states are all final and finalized but which
+   * were never marked finished (a crash between the last mark's removal and
+   * the completion). Only unfinished deployments are read, a batch at a time.
+   */
+  private async completeUnfinished(): Promise<void> {
+    let after = '';
+    for (;;) {
+      const open = await this.repos.deployments.find(
+        { finished_at: null, _id: { $gt: after } }, { sort: { _id: 1 }, limit: this.batch },
+      );
+      for (const dep of open) await this.deployments.completeIfDone(dep._id);
+      if (open.length < this.batch) return;
+      after = open.at(-1)!._id;
+    }
   }
 
   private async repair(report: SweepReport, all: boolean): Promise<void> {
