@@ -191,9 +191,12 @@ test('SIGKILL between a final state and its history: the sweep at restart comple
   expect((await ctl.api.upload(await packBundle(gatedBundle('7.0.0')))).status).toBe(201);
   const id = (await ctl.api.post('/deployments', { bundle_version: '7.0.0', target_device_ids: ['crash-a', 'crash-b'] }))
     .body.deployment_id as string;
+  // crash-a counted as finished: its state, history and version are all written
+  // (its state reads `success` a moment before they are).
   await waitFor(async () => {
-    const states = await deviceStates(ctl, id);
-    return states.get('crash-a')!.status === 'success' && slow.holds(id);
+    const dep = (await ctl.api.get(`/deployments/${id}`)).body;
+    const a = (dep.devices as Array<Record<string, unknown>>).find((d) => d.device_id === 'crash-a')!;
+    return a.status === 'success' && dep.finished === 1 && slow.holds(id);
   }, 'crash-a done, crash-b running');
   // crash-a's history follows its final state: let it land before the kill, as the case assumes.
   await waitFor(async () => (await historyOf(ctl, id)).length === 1, 'crash-a\'s history');
