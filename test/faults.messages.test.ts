@@ -224,6 +224,36 @@ describe('server-side deployment timeout', () => {
     expect(logged('device timed out').map((l) => l.deviceId).sort()).toEqual(['t-offline', 't-silent']);
   });
 
+  test('a deployment is not finished while another device\'s final state is still being recorded', async () => {
+    const { repos, deployments } = tc.controller.services;
+    const at = new Date().toISOString();
+    await repos.deployments.insertOne({
+      _id: 'overlap', kind: 'deploy', bundle_id: 'b', bundle_version: '0.0.2', target_device_ids: ['o-a', 'o-b'],
+      status: 'in_progress', total: 2, finished: 0, succeeded: 0, failed: 0, timed_out: 0, timeout_seconds: null,
+      created_at: at, updated_at: at, finished_at: null,
+    });
+    const state = (deviceId: string) => ({
+      _id: `overlap:${deviceId}`, deployment_id: 'overlap', device_id: deviceId, kind: 'deploy' as const, bundle_id: 'b',
+      bundle_version: '0.0.2', status: 'in_progress' as const, phase: 'running' as const, exit_code: null, output_tail: null,
+      error_message: null, reason: null, created_at: at, started_at: at, finished_at: null, duration_seconds: null, updated_at: at,
+    });
+    // o-a's result made its state final a moment ago; its history is being written.
+    const a = { ...state('o-a'), status: 'failed' as const, phase: null, exit_code: 1, finished_at: at, finalizing: true };
+    await repos.deviceDeployments.insertMany([a, state('o-b')]);
+
+    // o-b's result, the last one, arrives meanwhile: not finished while o-a is unrecorded.
+    expect(await deployments.recordResult('o-b', { deployment_id: 'overlap', status: 'success', exit_code: 0 })).toBe('recorded');
+    expect((await tc.api.get('/deployments/overlap')).body).toMatchObject({ finished_at: null, finished: 1 });
+    expect(await repos.bundleHistory.find({ deployment_id: 'overlap' })).toEqual([expect.objectContaining({ device_id: 'o-b' })]);
+
+    // o-a's recording completes: now the deployment finishes, with both entries.
+    await deployments.finalize([a], { count: true });
+    expect((await tc.api.get('/deployments/overlap')).body)
+      .toMatchObject({ status: 'failed', finished: 2, succeeded: 1, failed: 1, finished_at: expect.any(String) });
+    expect((await repos.bundleHistory.find({ deployment_id: 'overlap' })).map((h) => h.device_id).sort()).toEqual(['o-a', 'o-b']);
+    expect(await repos.deviceDeployments.count({ deployment_id: 'overlap', finalizing: true })).toBe(0);
+  });
+
   test('a sweep costs one indexed query when nothing is due, and times out a 2,000-device deployment in one pass (figures)', async () => {
     const repos = tc.controller.services.repos;
     const at = new Date().toISOString();
