@@ -254,6 +254,28 @@ describe('server-side deployment timeout', () => {
     expect(await repos.deviceDeployments.count({ deployment_id: 'overlap', finalizing: true })).toBe(0);
   });
 
+  test('the sweep at start finishes a deployment whose last state was recorded but never completed (a crash in between)', async () => {
+    const { repos, sweeper } = tc.controller.services;
+    const at = new Date().toISOString();
+    await repos.deployments.insertOne({
+      _id: 'uncompleted', kind: 'deploy', bundle_id: 'b', bundle_version: '0.0.3', target_device_ids: ['u-a'],
+      status: 'in_progress', total: 1, finished: 1, succeeded: 1, failed: 0, timed_out: 0, timeout_seconds: null,
+      created_at: at, updated_at: at, finished_at: null,
+    });
+    await repos.deviceDeployments.insertOne({
+      _id: 'uncompleted:u-a', deployment_id: 'uncompleted', device_id: 'u-a', kind: 'deploy', bundle_id: 'b',
+      bundle_version: '0.0.3', status: 'success', phase: null, exit_code: 0, output_tail: null, error_message: null,
+      reason: null, created_at: at, started_at: at, finished_at: at, duration_seconds: 1, updated_at: at,
+    });
+    // A periodic pass does not look for these; the one at start does (a running pass is joined, hence the retry).
+    const dep = await waitFor(async () => {
+      await sweeper.sweep({ repairAll: true });
+      const d = (await tc.api.get('/deployments/uncompleted')).body;
+      return d.finished_at ? d : null;
+    }, 'the deployment to be completed');
+    expect(dep).toMatchObject({ status: 'success', finished: 1, succeeded: 1, failed: 0 });
+  });
+
   test('a sweep costs one indexed query when nothing is due, and times out a 2,000-device deployment in one pass (figures)', async () => {
     const repos = tc.controller.services.repos;
     const at = new Date().toISOString();
