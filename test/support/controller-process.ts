@@ -37,8 +37,7 @@ export async function freePort(): Promise<number> {
 
 export async function startControllerProcess(opts: { dataDir?: string; env?: Record<string, string> } = {}): Promise<ControllerProcess> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-ctlproc-')));
-  const [httpPort, mqttPort] = [await freePort(), await freePort()];
-  const httpUrl = `http://127.0.0.1:${httpPort}`;
+  let [httpPort, mqttPort] = [await freePort(), await freePort()];
   let child!: ChildProcess;
   let out = '';
   let exited!: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -68,7 +67,19 @@ export async function startControllerProcess(opts: { dataDir?: string; env?: Rec
     }
   };
 
-  await launch();
+  // A port the kernel just called free can be taken before the controller binds
+  // it (another test's outgoing connection): pick others and start again. A
+  // restart keeps its ports, as a restarted server would.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await launch();
+      break;
+    } catch (err) {
+      if (attempt === 3 || !/EADDRINUSE/.test((err as Error).message)) throw err;
+      [httpPort, mqttPort] = [await freePort(), await freePort()];
+    }
+  }
+  const httpUrl = `http://127.0.0.1:${httpPort}`;
   const creds = JSON.parse(await readFile(join(dataDir, 'credentials.json'), 'utf8')) as Credentials;
   return {
     dataDir, httpPort, mqttPort, httpUrl, mqttUrl: `mqtt://127.0.0.1:${mqttPort}`, creds,
