@@ -97,13 +97,13 @@ test('a redelivered deploy command is answered from the agent\'s record, not run
   const before = logged('duplicate result ignored').length;
   const seen = (what: string) => a.output().split(what).length - 1;
   await tc.controller.broker.publish(topics.commands('dup'), command);
-  await waitFor(() => seen('duplicate command answered from record') === 1, 'the redelivery answered from record');
+  await waitFor(() => seen('duplicate command answered from record') >= 1, 'the redelivery answered from record');
   // The re-sent outcome reaches the controller and changes nothing.
-  await waitFor(() => logged('duplicate result ignored').length === before + 1, 'the re-sent outcome to be seen');
+  await waitFor(() => logged('duplicate result ignored').length >= before + 1, 'the re-sent outcome to be seen');
   // Again: answered from the record, or (while that answer is still awaiting
   // its acknowledgement) folded into it; never executed.
   await tc.controller.broker.publish(topics.commands('dup'), command);
-  await waitFor(() => seen('duplicate command answered from record') + seen('duplicate command ignored: already queued or running') === 2,
+  await waitFor(() => seen('duplicate command answered from record') + seen('duplicate command ignored: already queued or running') >= 2,
     'the second redelivery handled');
   expect(await readLines(out)).toEqual(['deploy 1.0.0']);
   expect(await history('dup')).toHaveLength(1);

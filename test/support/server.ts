@@ -34,6 +34,19 @@ export interface ServerOptions {
 }
 
 export async function startServerProcess(opts: ServerOptions = {}): Promise<ServerProcess> {
+  // Free ports can be taken by another process before the server binds them;
+  // with ports of its own choosing, a start that lost that race tries new ones.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(opts);
+    } catch (err) {
+      const fixed = opts.httpPort !== undefined || opts.mqttPort !== undefined;
+      if (fixed || attempt >= 3 || !/EADDRINUSE/.test((err as Error).message)) throw err;
+    }
+  }
+}
+
+async function startOnce(opts: ServerOptions): Promise<ServerProcess> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-server-')));
   const httpPort = opts.httpPort ?? (await freePort());
   const mqttPort = opts.mqttPort ?? (await freePort());
