@@ -18,6 +18,8 @@ import { pauseHook, PAUSE_ENV } from './pause.js';
 import { AgentConfigError } from './config.js';
 export { loadAgentConfig, AgentConfigError, AGENT_ENV, type AgentConfig } from './config.js';
 export { PAUSE_ENV, PAUSE_POINTS, type PausePoint } from './pause.js';
+// The bundle steps, for other device runtimes (the fleet simulator runs the same ones).
+export { downloadBundle, extractBundle, runScript, BundleVerificationError } from './bundle/index.js';
 
 export interface Agent {
   readonly deviceId: string;

@@ -11,6 +11,7 @@ import { canPublish, canSubscribe, type Principal } from './acl.js';
 import { parseDeviceTopic } from './topics.js';
 import { createPersistence, type PersistenceConfig } from './persistence.js';
 import { ConnectionGate, GuardedConnection, type ConnectionStats } from './connections.js';
+import { createMemoryPersistence } from './memory-persistence.js';
 
 export { canPublish, canSubscribe, type Principal, type Role } from './acl.js';
 export { topics, parseDeviceTopic, PREFIX } from './topics.js';
@@ -124,7 +125,8 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
 
   const aedes = await Aedes.createBroker({
     id: options.id,
-    persistence: persistence.persistence,
+    // In memory: Aedes' own persistence, with retained messages indexed by topic.
+    persistence: persistence.persistence ?? createMemoryPersistence(),
     mq: persistence.mq,
     heartbeatInterval: heartbeatMs,
     connectTimeout: limits.connectTimeoutMs,

@@ -1,10 +1,12 @@
 #!/usr/bin/env node
-// `kernex server` runs the control plane; `kernex agent` runs a device.
+// `kernex server` runs the control plane; `kernex agent` runs a device;
+// `kernex simulate` runs a simulated fleet against a controller.
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { createLogger } from './logger.js';
 import { loadControllerConfig, startController, ConfigError, VERSION } from '../controller/index.js';
 import { loadAgentConfig, startAgent, AgentConfigError, EnrollmentError } from '../agent/index.js';
+import { simulate, RegistrationError } from '../sim/index.js';
 
 /**
  * Runs until SIGINT/SIGTERM, then stops cleanly and exits 0; a second signal,
@@ -134,7 +136,45 @@ await yargs(hideBin(process.argv))
       untilSignal(() => agent.stop(), logger, config.shutdownGrace * 1000 + 10_000);
     },
   )
-  .demandCommand(1, 'name a command: server or agent')
+  .command(
+    'simulate',
+    'run N simulated devices (one MQTT connection each) against a controller',
+    (y) => y
+      .option('devices', { type: 'number', default: 100, describe: 'how many devices' })
+      .option('server', { type: 'string', describe: 'controller URL [KERNEX_SERVER, default http://127.0.0.1:8000]' })
+      .option('enrollment-token', { type: 'string', describe: 'token to register with [KERNEX_ENROLLMENT_TOKEN]' })
+      .option('prefix', { type: 'string', default: 'sim', describe: 'device ids are <prefix>-00001, ...' })
+      .option('heartbeat', { type: 'number', default: 60, describe: 'seconds between a device\'s heartbeats (0: none)' })
+      .option('mqtt-url', { type: 'string', describe: 'override the MQTT URL given at registration' })
+      .option('run-scripts', { type: 'boolean', default: false, describe: 'extract bundles and run their scripts (a process per device)' })
+      .option('shared-download', { type: 'boolean', default: false, describe: 'download each bundle once for the whole fleet' })
+      .option('register-concurrency', { type: 'number', default: 32, describe: 'registrations in flight' })
+      .option('connect-concurrency', { type: 'number', default: 256, describe: 'MQTT handshakes in flight' })
+      .option('duration', { type: 'number', describe: 'stop after this many seconds (default: until Ctrl-C)' })
+      .option('log-level', { type: 'string', default: 'info', describe: 'trace|debug|info|warn|error' }),
+    async (argv) => {
+      const server = argv.server ?? process.env.KERNEX_SERVER ?? 'http://127.0.0.1:8000';
+      const enrollmentToken = argv.enrollmentToken ?? process.env.KERNEX_ENROLLMENT_TOKEN;
+      if (!enrollmentToken) fail('pass --enrollment-token (or KERNEX_ENROLLMENT_TOKEN): the simulated devices register with it');
+      if (!Number.isInteger(argv.devices) || argv.devices < 1) fail(`--devices must be a positive integer, got ${argv.devices}`);
+      const logger = createLogger(argv.logLevel, 'kernex-sim');
+      let sim;
+      try {
+        sim = await simulate({
+          server, enrollmentToken, devices: argv.devices, prefix: argv.prefix, heartbeatSeconds: argv.heartbeat,
+          mqttUrl: argv.mqttUrl, runScripts: argv.runScripts, sharedDownloads: argv.sharedDownload,
+          registerConcurrency: argv.registerConcurrency, connectConcurrency: argv.connectConcurrency, logger,
+        });
+      } catch (err) {
+        if (err instanceof RegistrationError) fail(err.message);
+        throw err;
+      }
+      const running = sim;
+      if (argv.duration) setTimeout(() => void running.stop().then(() => process.exit(0)), argv.duration * 1000);
+      untilSignal(() => running.stop(), logger);
+    },
+  )
+  .demandCommand(1, 'name a command: server, agent or simulate')
   .strict()
   .help()
   .parseAsync();
