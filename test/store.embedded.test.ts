@@ -2,7 +2,7 @@
 // what only a file-backed store can get wrong: unusable directories and
 // datafiles, background compaction, openStore's layout.
 
-import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import {
@@ -153,6 +153,39 @@ describe('nedb store housekeeping', () => {
     await again.close();
   });
 
+  test('a heartbeat-style bulk update of 10,000 documents is on disk after a restart', async () => {
+    const dir = await tempDir();
+    const store = await createNedbStore({ dir });
+    const c = store.collection<Doc>('devices');
+    await c.ensureIndex({ fields: { device_id: 1 }, unique: true });
+    const total = 10_000;
+    await c.insertMany(Array.from({ length: total }, (_, i) => ({ _id: `d${i}`, device_id: `dev-${i}`, beats: 0 })));
+    await c.bulkUpdate(Array.from({ length: total }, (_, i) => ({
+      filter: { device_id: `dev-${i}` }, update: { $set: { uptime: i }, $inc: { beats: 1 } },
+    })));
+    // Before any compaction: the index definition, the inserts and one line per updated document.
+    expect(await lines(path.join(dir, 'devices.db'))).toHaveLength(1 + 2 * total);
+
+    const again = await createNedbStore({ dir: await copyDir(dir) });
+    const docs = await again.collection<Doc>('devices').find({ beats: 1 });
+    expect(docs).toHaveLength(total);
+    expect(docs.every((d) => d.uptime === Number((d.device_id as string).slice(4)))).toBe(true);
+    await again.close();
+    await store.close();
+  });
+
+  test('a bulk update touching one document twice applies both, in order', async () => {
+    const store = await createNedbStore({ dir: await tempDir() });
+    const c = store.collection<Doc>('devices');
+    await c.insertOne({ _id: 'd1', device_id: 'a', beats: 0 });
+    await c.bulkUpdate([
+      { filter: { device_id: 'a' }, update: { $inc: { beats: 1 }, $set: { last: 1 } } },
+      { filter: { device_id: 'a' }, update: { $inc: { beats: 1 }, $set: { last: 2 } } },
+    ]);
+    await expect(c.findOne({ _id: 'd1' })).resolves.toEqual({ _id: 'd1', device_id: 'a', beats: 2, last: 2 });
+    await store.close();
+  });
+
   test('compactEveryMs compacts loaded collections in the background', async () => {
     const dir = await tempDir();
     const store = await createNedbStore({ dir, compactEveryMs: 20 });
@@ -202,6 +235,13 @@ describe('openStore (embedded)', () => {
     expect(await readdir(dataDir)).toEqual([]);
   });
 });
+
+/** A copy of a data directory as it is on disk now (what a crash would leave). */
+async function copyDir(dir: string): Promise<string> {
+  const copy = await tempDir();
+  await cp(dir, copy, { recursive: true });
+  return copy;
+}
 
 async function lines(file: string): Promise<string[]> {
   return (await readFile(file, 'utf8')).split('\n').filter((line) => line !== '');

@@ -34,6 +34,7 @@ import { constants as fsConstants } from 'node:fs';
 import { access, mkdir, open, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
+import { createRequire } from 'node:module';
 import nedbModule from '@seald-io/nedb';
 import {
   DuplicateKeyError,
@@ -353,6 +354,11 @@ class NedbCollection<T extends StoredDocument> implements Collection<T> {
 
   async bulkUpdate(ops: BulkUpdate[]): Promise<void> {
     for (const op of ops) checkUpdate(op.update);
+    if (ops.length === 0) return;
+    // The heartbeat flush: thousands of updates, one per device. Applied as
+    // one NeDB task they cost one append to the datafile instead of one
+    // file open/append/close each.
+    if (batchable(ops) && (await this.engine.write((db) => updateBatch(db, ops)))) return;
     // NeDB has no bulk operation. All updates are queued at once (they still
     // apply one at a time, in order) and, like MongoDB's unordered bulkWrite,
     // every one is attempted before the first failure is reported.
@@ -422,6 +428,87 @@ async function updateFirst(db: NedbDatastore, filter: Filter, update: Update, up
   const { affectedDocuments } = await db.updateAsync({ _id: before._id }, modifiers, { returnUpdatedDocs: true });
   const after = affectedDocuments as StoredDocument;
   return { result: { matched: 1, modified: isDeepStrictEqual(before, after) ? 0 : 1, upserted: false }, doc: after };
+}
+
+/**
+ * Whether a bulk update can run as one batch with the same outcome as one
+ * update after another: no upserts, and filters of plain equalities on
+ * fields no update in the batch changes (so no update can change which
+ * document a later one matches). updateBatch also requires every operation
+ * to hit a different document.
+ */
+function batchable(ops: BulkUpdate[]): boolean {
+  const filtered = new Set<string>();
+  const updated = new Set<string>();
+  for (const op of ops) {
+    if (op.upsert) return false;
+    for (const [key, value] of Object.entries(op.filter)) {
+      if (key.startsWith('$') || value === null || isPlainObject(value) || Array.isArray(value)) return false;
+      filtered.add(key);
+    }
+    for (const [operator, fields] of Object.entries(op.update)) {
+      if (operator === '$setOnInsert' || !isPlainObject(fields)) continue;
+      for (const field of Object.keys(fields)) updated.add(field.split('.')[0]!);
+    }
+  }
+  for (const field of filtered) if (updated.has(field)) return false;
+  return true;
+}
+
+// The parts of NeDB's own update path (Datastore#_updateAsync) a batch uses:
+// find the candidates, compute the new documents, swap them into the indexes
+// (all or nothing), then append them to the datafile in one write. Run as one
+// task on NeDB's executor, so compaction cannot interleave.
+interface NedbInternals {
+  executor: { pushAsync<R>(task: () => Promise<R>): Promise<R> };
+  _getCandidatesAsync(query: Query): Promise<StoredDocument[]>;
+  _updateIndexes(modifications: Array<{ oldDoc: StoredDocument; newDoc: StoredDocument }>): void;
+  persistence: { persistNewStateAsync(docs: StoredDocument[]): Promise<void> };
+}
+
+interface NedbModel {
+  match(doc: unknown, query: Query): boolean;
+  modify(doc: unknown, update: Query): StoredDocument;
+}
+
+// NeDB's document model (match, modify), which its package exports no types for.
+const nedbModel = createRequire(import.meta.url)('@seald-io/nedb/lib/model.js') as NedbModel;
+
+/**
+ * Applies every operation in one NeDB task. Resolves false, having changed
+ * nothing, when the batch cannot be applied as a whole (two operations on one
+ * document, an invalid modification, a unique index refusing it): the caller
+ * then applies the operations one by one, with their individual outcomes.
+ */
+async function updateBatch(db: NedbDatastore, ops: BulkUpdate[]): Promise<boolean> {
+  const internal = db as unknown as NedbInternals;
+  return internal.executor.pushAsync(async () => {
+    const modifications: Array<{ oldDoc: StoredDocument; newDoc: StoredDocument }> = [];
+    const touched = new Set<string>();
+    for (const op of ops) {
+      const modifiers = modifiersForExisting(op.update);
+      if (!modifiers) continue;
+      const query = toNedbQuery(op.filter);
+      const candidates = await internal._getCandidatesAsync(query);
+      const oldDoc = candidates.find((doc) => nedbModel.match(doc, query));
+      if (!oldDoc) continue;
+      if (touched.has(oldDoc._id)) return false;
+      touched.add(oldDoc._id);
+      try {
+        modifications.push({ oldDoc, newDoc: nedbModel.modify(oldDoc, modifiers) });
+      } catch {
+        return false;
+      }
+    }
+    if (modifications.length === 0) return true;
+    try {
+      internal._updateIndexes(modifications);
+    } catch {
+      return false; // NeDB rolled the indexes back
+    }
+    await internal.persistence.persistNewStateAsync(modifications.map((m) => m.newDoc));
+    return true;
+  });
 }
 
 /** For bulk updates, which report nothing back: one NeDB call instead of a find and an update. */
