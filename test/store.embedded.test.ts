@@ -174,6 +174,22 @@ describe('nedb store housekeeping', () => {
     await store.close();
   });
 
+  test('a bulk update that changes an indexed field keeps the index right', async () => {
+    const store = await createNedbStore({ dir: await tempDir() });
+    const c = store.collection<Doc>('devices');
+    await c.ensureIndex({ fields: { device_id: 1 }, unique: true });
+    await c.ensureIndex({ fields: { token_hash: 1 } });
+    await c.insertMany([{ _id: 'd1', device_id: 'a', token_hash: 'old-a' }, { _id: 'd2', device_id: 'b', token_hash: 'old-b' }]);
+    await c.bulkUpdate([
+      { filter: { device_id: 'a' }, update: { $set: { token_hash: 'new-a' } } },
+      { filter: { device_id: 'b' }, update: { $set: { uptime: 5 } } },
+    ]);
+    await expect(c.findOne({ token_hash: 'new-a' })).resolves.toEqual({ _id: 'd1', device_id: 'a', token_hash: 'new-a' });
+    await expect(c.findOne({ token_hash: 'old-a' })).resolves.toBeNull();
+    await expect(c.findOne({ token_hash: 'old-b' })).resolves.toEqual({ _id: 'd2', device_id: 'b', token_hash: 'old-b', uptime: 5 });
+    await store.close();
+  });
+
   test('a bulk update touching one document twice applies both, in order', async () => {
     const store = await createNedbStore({ dir: await tempDir() });
     const c = store.collection<Doc>('devices');

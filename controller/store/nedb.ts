@@ -358,12 +358,21 @@ class NedbCollection<T extends StoredDocument> implements Collection<T> {
     // The heartbeat flush: thousands of updates, one per device. Applied as
     // one NeDB task they cost one append to the datafile instead of one
     // file open/append/close each.
-    if (batchable(ops) && (await this.engine.write((db) => updateBatch(db, ops)))) return;
+    let rest = ops;
+    if (batchable(ops)) {
+      // In slices, so that other work (MQTT traffic) runs between them.
+      while (rest.length > 0) {
+        const slice = rest.slice(0, BATCH_SLICE);
+        if (!(await this.engine.write((db) => updateBatch(db, slice)))) break;
+        rest = rest.slice(BATCH_SLICE);
+      }
+      if (rest.length === 0) return;
+    }
     // NeDB has no bulk operation. All updates are queued at once (they still
     // apply one at a time, in order) and, like MongoDB's unordered bulkWrite,
     // every one is attempted before the first failure is reported.
     const outcomes = await Promise.allSettled(
-      ops.map((op) =>
+      rest.map((op) =>
         this.engine.write(async (db) => {
           if (op.upsert) await updateFirst(db, op.filter, op.update, true);
           else await updateFirstBlind(db, op.filter, op.update);
@@ -460,6 +469,7 @@ function batchable(ops: BulkUpdate[]): boolean {
 // (all or nothing), then append them to the datafile in one write. Run as one
 // task on NeDB's executor, so compaction cannot interleave.
 interface NedbInternals {
+  indexes: Record<string, unknown>;
   executor: { pushAsync<R>(task: () => Promise<R>): Promise<R> };
   _getCandidatesAsync(query: Query): Promise<StoredDocument[]>;
   _updateIndexes(modifications: Array<{ oldDoc: StoredDocument; newDoc: StoredDocument }>): void;
@@ -469,7 +479,12 @@ interface NedbInternals {
 interface NedbModel {
   match(doc: unknown, query: Query): boolean;
   modify(doc: unknown, update: Query): StoredDocument;
+  getDotValue(doc: unknown, field: string): unknown;
+  compareThings(a: unknown, b: unknown): number;
 }
+
+/** Operations per NeDB task in a batched bulk update. */
+const BATCH_SLICE = 2000;
 
 // NeDB's document model (match, modify), which its package exports no types for.
 const nedbModel = createRequire(import.meta.url)('@seald-io/nedb/lib/model.js') as NedbModel;
@@ -501,10 +516,23 @@ async function updateBatch(db: NedbDatastore, ops: BulkUpdate[]): Promise<boolea
       }
     }
     if (modifications.length === 0) return true;
+    // A heartbeat changes no indexed field: the indexes keep pointing at the
+    // same document object, updated in place (NeDB hands out copies only).
+    // Re-indexing every document was most of the cost of a flush.
+    const indexed = Object.keys(internal.indexes).flatMap((name) => name.split(','));
+    const keepsKeys = (m: { oldDoc: StoredDocument; newDoc: StoredDocument }) =>
+      indexed.every((f) => nedbModel.compareThings(nedbModel.getDotValue(m.oldDoc, f), nedbModel.getDotValue(m.newDoc, f)) === 0);
+    const reindex = new Set(modifications.filter((m) => !keepsKeys(m)));
     try {
-      internal._updateIndexes(modifications);
+      if (reindex.size > 0) internal._updateIndexes([...reindex]);
     } catch {
       return false; // NeDB rolled the indexes back
+    }
+    for (const m of modifications) {
+      if (reindex.has(m)) continue;
+      const target = m.oldDoc as unknown as Record<string, unknown>;
+      for (const key of Object.keys(target)) if (!(key in m.newDoc)) delete target[key];
+      Object.assign(target, m.newDoc);
     }
     await internal.persistence.persistNewStateAsync(modifications.map((m) => m.newDoc));
     return true;
