@@ -161,7 +161,8 @@ export class DeviceService {
       throw err;
     }
     this.tokenHashes.delete(req.device_id);
-    this.logger.info({ deviceId: req.device_id, enrollment: enrollment.name }, 'device registered');
+    // Debug, not info: enrolling a fleet registers thousands at once.
+    this.logger.debug({ deviceId: req.device_id, enrollment: enrollment.name }, 'device registered');
     return { created: true, device, token };
   }
 
