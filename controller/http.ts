@@ -1,5 +1,5 @@
 // The fastify application: error shape, authentication, and the routes.
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
 import type { Logger } from 'pino';
 import { SchemaError } from '../schemas/index.js';
@@ -36,6 +36,20 @@ export function allows(principal: Principal | null, access: Access[]): boolean {
   return access.some((a) => a !== 'device' && RANK[principal.role]! >= RANK[a]!);
 }
 
+/**
+ * Two info lines per request would be the loudest thing a fleet does
+ * (registrations, HTTP heartbeats, bundle downloads): one debug line per
+ * request instead; a request that errored is still logged as an error.
+ */
+class QuietRequestLog extends LogController {
+  override incomingRequest(): void {}
+
+  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply): void {
+    if (error) return super.requestCompleted(error, request, reply);
+    reply.log.debug({ method: request.method, url: request.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) }, 'request');
+  }
+}
+
 export interface HttpOptions {
   services: Services;
   logger: Logger;
@@ -56,6 +70,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
     bodyLimit: 1024 * 1024,
     trustProxy: true,
     ...(opts.https ? { https: opts.https } : {}),
+    logController: new QuietRequestLog(),
   }) as unknown as FastifyInstance;
   // One byte over the limit, so the blob store's own meter is what refuses an oversized bundle (413).
   await app.register(multipart, { limits: { fileSize: opts.maxBundleBytes + 1, files: 1, fields: 8 } });

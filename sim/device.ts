@@ -114,10 +114,18 @@ export class SimDevice {
     this.client?.stream?.destroy();
   }
 
+  /** DISCONNECT, then close; a connection that does not close within 2 s is cut. */
   async end(): Promise<void> {
     const client = this.client;
     this.client = undefined;
-    if (client) await new Promise<void>((resolve) => client.end(false, {}, () => resolve()));
+    if (!client) return;
+    await new Promise<void>((resolve) => {
+      const force = setTimeout(() => client.end(true, {}, () => resolve()), 2000);
+      client.end(false, {}, () => {
+        clearTimeout(force);
+        resolve();
+      });
+    });
   }
 
   heartbeat(withSeq: boolean): number {
