@@ -84,7 +84,11 @@ export interface Broker {
   listenTls(port: number, host: string | undefined, tls: TlsOptions): Promise<AddressInfo>;
   /** MQTT over WebSocket on an existing HTTP(S) server, at `path` (e.g. /mqtt). */
   attachWebSocket(server: HttpServer, path: string): void;
-  /** Publishes as the controller itself (no client, so no ACL applies). */
+  /**
+   * Publishes as the controller itself (no client, so no ACL applies). The
+   * payload is serialised as JSON unless it is a Buffer already (one
+   * command fanned out to many devices is serialised once).
+   */
   publish(topic: string, payload: unknown, options?: { qos?: 0 | 1; retain?: boolean }): Promise<void>;
   /** Closes this instance's connection of a device (revocation). */
   disconnectDevice(deviceId: string): void;
@@ -308,7 +312,7 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
           {
             cmd: 'publish',
             topic,
-            payload: Buffer.from(JSON.stringify(payload)),
+            payload: Buffer.isBuffer(payload) ? payload : Buffer.from(JSON.stringify(payload)),
             qos: opts.qos ?? 1,
             retain: opts.retain ?? false,
             dup: false,

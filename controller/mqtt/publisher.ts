@@ -13,6 +13,12 @@ export interface FleetPublisher {
    * reliably (the latest one only) to a device that comes back.
    */
   configure(deviceId: string, command: ConfigureCommand): Promise<void>;
+  /**
+   * One command to many devices: serialised once, published to every
+   * device's topic without waiting device by device. Resolves when every
+   * publish has been handled, with the devices it could not be published to.
+   */
+  commandMany(deviceIds: string[], command: Command): Promise<Array<{ deviceId: string; error: Error }>>;
   config(deviceId: string, config: DeviceConfigMessage): Promise<void>;
   status(message: DeviceStatusMessage): Promise<void>;
   event(event: FleetEvent): Promise<void>;
@@ -25,6 +31,13 @@ export function createFleetPublisher(broker: Broker, logger: Logger): FleetPubli
   return {
     command: (deviceId, command) => broker.publish(topics.commands(deviceId), command, { qos: 1 }),
     configure: (deviceId, command) => broker.publish(topics.commands(deviceId), command, { qos: 0 }),
+    async commandMany(deviceIds, command) {
+      const payload = Buffer.from(JSON.stringify(command));
+      const failed: Array<{ deviceId: string; error: Error }> = [];
+      await Promise.all(deviceIds.map((deviceId) =>
+        broker.publish(topics.commands(deviceId), payload, { qos: 1 }).catch((error: Error) => void failed.push({ deviceId, error }))));
+      return failed;
+    },
     config: (deviceId, config) => broker.publish(topics.config(deviceId), config, { qos: 1, retain: true }),
     status: (message) =>
       bestEffort(broker.publish(topics.status(message.device_id), message, { qos: 1, retain: true }), 'status'),

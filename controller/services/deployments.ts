@@ -31,7 +31,19 @@ export type RecordOutcome = 'recorded' | 'progress' | 'duplicate' | 'ignored' | 
 
 const stateId = (deploymentId: string, deviceId: string) => `${deploymentId}:${deviceId}`;
 
+/** Finished-device counts of one deployment not yet written, and who waits for them. */
+interface PendingCounts {
+  finished: number;
+  succeeded: number;
+  failed: number;
+  timed_out: number;
+  waiters: Array<{ resolve: (written: DeploymentDoc | null) => void; reject: (err: Error) => void }>;
+  writing: boolean;
+}
+
 export class DeploymentService {
+  private readonly counting = new Map<string, PendingCounts>();
+
   constructor(
     private repos: Repositories,
     private bundles: BundleService,
@@ -91,14 +103,12 @@ export class DeploymentService {
     });
     // Fan out without waiting device by device; a device that is offline gets
     // it from its persistent session, or from resendPending when it returns.
-    const command = this.command(deployment, input.bundle);
-    await Promise.all(
-      input.targetDeviceIds.map((deviceId) =>
-        this.publisher.command(deviceId, command).catch((err: Error) =>
-          this.logger.warn({ deviceId, err: err.message }, 'command not published; it is re-sent when the device reconnects'),
-        ),
-      ),
-    );
+    const failed = await this.publisher.commandMany(input.targetDeviceIds, this.command(deployment, input.bundle));
+    if (failed.length) {
+      // One line for the lot: a broker in trouble would otherwise log once per device.
+      this.logger.warn({ deploymentId: deployment._id, devices: failed.length, first: failed[0]!.deviceId, err: failed[0]!.error.message },
+        'commands not published; they are re-sent when the devices reconnect');
+    }
     return deployment;
   }
 
@@ -237,8 +247,11 @@ export class DeploymentService {
     const byDeployment = new Map<string, DeviceDeploymentDoc[]>();
     for (const s of states) byDeployment.set(s.deployment_id, [...(byDeployment.get(s.deployment_id) ?? []), s]);
     for (const [deploymentId, group] of byDeployment) {
-      if (opts.count) await this.countFinished(deploymentId, group);
-      await this.completeIfDone(deploymentId);
+      // Asking the states whether any is left costs a pass over the
+      // deployment's states: in the normal path it is asked only once the
+      // counters say every device is done (a repair always asks).
+      const counted = opts.count ? await this.countFinished(deploymentId, group) : null;
+      if (!counted || counted.finished >= counted.total) await this.completeIfDone(deploymentId);
     }
   }
 
@@ -260,19 +273,50 @@ export class DeploymentService {
     await this.devices.setBundleVersion(state.device_id, state.bundle_version);
   }
 
-  /** Progress figures; once the deployment has finished, its exact counts are final and nothing is added. */
-  private async countFinished(deploymentId: string, states: DeviceDeploymentDoc[]): Promise<void> {
+  /**
+   * Progress figures; once the deployment has finished, its exact counts are
+   * final and nothing is added. Counts arriving while the deployment's
+   * previous count is being written are added up and written together: the
+   * deployment document holds every target id, so one write per device made
+   * a deployment to N devices cost O(N²) bytes. Resolves, once these states
+   * are counted, with the counters written (null once finished).
+   */
+  private countFinished(deploymentId: string, states: DeviceDeploymentDoc[]): Promise<DeploymentDoc | null> {
+    let c = this.counting.get(deploymentId);
+    if (!c) this.counting.set(deploymentId, (c = { finished: 0, succeeded: 0, failed: 0, timed_out: 0, waiters: [], writing: false }));
     const succeeded = states.filter((s) => s.status === 'success').length;
-    const timedOut = states.filter((s) => s.status === 'timed_out').length;
-    const at = now();
-    await this.repos.deployments.updateOne(
-      { _id: deploymentId, finished_at: null },
-      {
-        $inc: { finished: states.length, succeeded, failed: states.length - succeeded, timed_out: timedOut },
-        $set: { updated_at: at },
-      },
-    );
-    await this.repos.deployments.updateOne({ _id: deploymentId, status: 'pending' }, { $set: { status: 'in_progress' } });
+    c.finished += states.length;
+    c.succeeded += succeeded;
+    c.failed += states.length - succeeded;
+    c.timed_out += states.filter((s) => s.status === 'timed_out').length;
+    const pending = c;
+    const stored = new Promise<DeploymentDoc | null>((resolve, reject) => pending.waiters.push({ resolve, reject }));
+    if (!c.writing) void this.writeCounts(deploymentId, c);
+    return stored;
+  }
+
+  private async writeCounts(deploymentId: string, c: PendingCounts): Promise<void> {
+    c.writing = true;
+    while (c.waiters.length > 0) {
+      const counts = { finished: c.finished, succeeded: c.succeeded, failed: c.failed, timed_out: c.timed_out };
+      const waiters = c.waiters;
+      Object.assign(c, { finished: 0, succeeded: 0, failed: 0, timed_out: 0, waiters: [] });
+      try {
+        const at = now();
+        const dep = await this.repos.deployments.findOneAndUpdate(
+          { _id: deploymentId, finished_at: null },
+          { $inc: counts, $set: { updated_at: at } },
+        );
+        if (dep?.status === 'pending') {
+          await this.repos.deployments.updateOne({ _id: deploymentId, status: 'pending' }, { $set: { status: 'in_progress' } });
+        }
+        for (const w of waiters) w.resolve(dep);
+      } catch (err) {
+        for (const w of waiters) w.reject(err as Error);
+      }
+    }
+    c.writing = false;
+    this.counting.delete(deploymentId);
   }
 
   /**
