@@ -24,6 +24,9 @@ export interface FleetPublisher {
   event(event: FleetEvent): Promise<void>;
 }
 
+/** Command publishes in flight at once during a fan-out. */
+const FANOUT_WINDOW = 128;
+
 export function createFleetPublisher(broker: Broker, logger: Logger): FleetPublisher {
   // Status and events are informational: a failure is logged, never fatal.
   const bestEffort = (p: Promise<void>, what: string) =>
@@ -34,8 +37,19 @@ export function createFleetPublisher(broker: Broker, logger: Logger): FleetPubli
     async commandMany(deviceIds, command) {
       const payload = Buffer.from(JSON.stringify(command));
       const failed: Array<{ deviceId: string; error: Error }> = [];
-      await Promise.all(deviceIds.map((deviceId) =>
-        broker.publish(topics.commands(deviceId), payload, { qos: 1 }).catch((error: Error) => void failed.push({ deviceId, error }))));
+      // A window of publishes in flight, not all at once: Aedes takes each
+      // publish through several asynchronous steps, and 10,000 started
+      // together advance step by step in lockstep, so the first device got
+      // its command only when the last one did. With a window the first
+      // commands are on the wire at once and devices work while the rest go out.
+      let next = 0;
+      const lane = async () => {
+        while (next < deviceIds.length) {
+          const deviceId = deviceIds[next++]!;
+          await broker.publish(topics.commands(deviceId), payload, { qos: 1 }).catch((error: Error) => void failed.push({ deviceId, error }));
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(FANOUT_WINDOW, deviceIds.length) }, lane));
       return failed;
     },
     config: (deviceId, config) => broker.publish(topics.config(deviceId), config, { qos: 1, retain: true }),
