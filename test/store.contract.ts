@@ -153,10 +153,10 @@ export function storeContract(
         ['$in with null matches missing fields', { error_message: { $in: [null, 'boom'] } }, ['d1', 'd2', 'd3', 'd4']],
         ['$exists: true holds for an empty array', { tags: { $exists: true } }, ['d1', 'd2', 'd3']],
         // Long lists (a deployment's targets) take another path in some engines.
-        ['$in with a long list', { device_id: { $in: [...filler(500), 'charlie', 'alpha'] } }, ['d1', 'd3']],
-        ['$in with a long list on an array field', { tags: { $in: [...filler(500), 'us'] } }, ['d2']],
-        ['$nin with a long list', { device_id: { $nin: [...filler(500), 'bravo'] } }, ['d1', 'd3', 'd4']],
-        ['$nin with a long list on an array field', { tags: { $nin: [...filler(500), 'eu', 'us'] } }, ['d3', 'd4']],
+        ['$in with a long list', { device_id: { $in: [...filler(600), 'charlie', 'alpha'] } }, ['d1', 'd3']],
+        ['$in with a long list on an array field', { tags: { $in: [...filler(600), 'us'] } }, ['d2']],
+        ['$nin with a long list', { device_id: { $nin: [...filler(600), 'bravo'] } }, ['d1', 'd3', 'd4']],
+        ['$nin with a long list on an array field', { tags: { $nin: [...filler(600), 'eu', 'us'] } }, ['d3', 'd4']],
         ['$in with a long list of numbers', { n: { $in: [...Array.from({ length: 500 }, (_, i) => 100 + i), 2] } }, ['d2']],
       ];
 

@@ -745,8 +745,9 @@ function inList(key: string, list: unknown[]): Query {
 
 // NeDB tests `$in` by comparing with each element of the list, for every
 // candidate: O(documents × list). A deployment to 10,000 devices asks
-// whether 10,000 ids exist (0.4 s). Past this size, a Set answers instead.
-const LARGE_IN = 64;
+// whether 10,000 ids exist (0.4 s). Past this size, a Set answers instead,
+// in one pass over the collection (which a short list through the index beats).
+const LARGE_IN = 256;
 
 function isLargePrimitiveList(list: unknown[]): boolean {
   return list.length > LARGE_IN && list.every((v) => typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean');
