@@ -387,8 +387,20 @@ class NedbCollection<T extends StoredDocument> implements Collection<T> {
     const fields = Object.keys(spec.fields);
     if (fields.length === 0) throw new Error('ensureIndex: an index needs at least one field');
     // NeDB indexes have no direction; sort order does not depend on them.
-    const fieldName = fields.length === 1 ? fields[0] : fields;
-    await this.engine.write((db) => db.ensureIndexAsync({ fieldName, unique: spec.unique ?? false, sparse: spec.sparse ?? false }));
+    const unique = spec.unique ?? false;
+    const sparse = spec.sparse ?? false;
+    if (fields.length === 1) {
+      await this.engine.write((db) => db.ensureIndexAsync({ fieldName: fields[0]!, unique, sparse }));
+      return;
+    }
+    // NeDB consults a compound index only when the query gives every one of
+    // its fields by equality, and never for a prefix as MongoDB does: a
+    // deployment's states by deployment_id, or a device's pending ones by
+    // device_id and a $in of statuses, scanned the whole collection. The
+    // first field gets its own index (what MongoDB would use the prefix
+    // for); the compound one is kept only to enforce uniqueness.
+    await this.engine.write((db) => db.ensureIndexAsync({ fieldName: fields[0]!, unique: false, sparse }));
+    if (unique) await this.engine.write((db) => db.ensureIndexAsync({ fieldName: fields, unique: true, sparse }));
   }
 }
 
