@@ -22,6 +22,7 @@ const argv = await yargs(hideBin(process.argv))
   .option('quick', { type: 'boolean', default: false, describe: 'small sizes (about a minute)' })
   .option('only', { type: 'string', describe: `comma-separated scenarios: ${Object.keys(SCENARIOS).join(', ')}` })
   .option('devices', { type: 'number', describe: 'use this many devices in every scenario (smoke runs)' })
+  .option('run-scripts', { type: 'boolean', default: false, describe: 'deploy: devices extract the bundle and spawn its no-op script' })
   .option('out', { type: 'string', describe: 'JSON output file [bench/results/<time>.json]' })
   .strict()
   .help()
@@ -36,7 +37,7 @@ for (const name of names) {
 }
 
 const ctx: BenchContext = {
-  quick: argv.quick, devices: argv.devices, fdLimit: openFileLimit(),
+  quick: argv.quick, devices: argv.devices, fdLimit: openFileLimit(), runScripts: argv.runScripts,
   log: (m) => process.stderr.write(`${m}\n`),
 };
 const started = new Date();
@@ -59,7 +60,7 @@ const root = resolve(dirname(new URL(import.meta.url).pathname), '..', '..');
 const out = argv.out ? resolve(argv.out) : join(root, 'bench', 'results', `${started.toISOString().replace(/[:.]/g, '-')}.json`);
 await mkdir(dirname(out), { recursive: true });
 await writeFile(out, JSON.stringify({
-  started_at: started.toISOString(), finished_at: new Date().toISOString(), quick: argv.quick, devices_override: argv.devices ?? null,
+  started_at: started.toISOString(), finished_at: new Date().toISOString(), quick: argv.quick, devices_override: argv.devices ?? null, run_scripts: argv.runScripts,
   machine: { cpus: cpus().length, cpu_model: cpus()[0]?.model, memory_bytes: totalmem(), load_average_at_start: loadavg(), node: process.version, open_file_limit: ctx.fdLimit },
   rows, scenarios: Object.fromEntries(results.map((r) => [r.name, { notes: r.notes, details: r.details }])),
   markdown: formatMarkdown(rows),

@@ -23,6 +23,12 @@ export interface BenchContext {
   /** Overrides the scenario's device counts (smoke runs). */
   devices?: number;
   fdLimit: number;
+  /**
+   * Simulated devices extract bundles and spawn their scripts. Off by
+   * default: a thousand devices' processes on the load generator's machine
+   * measure that machine, not the controller.
+   */
+  runScripts: boolean;
   log(message: string): void;
 }
 

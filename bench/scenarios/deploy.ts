@@ -42,7 +42,7 @@ export async function deploy(ctx: BenchContext): Promise<ScenarioResult> {
   const done: number[] = [];
   let failed = 0;
   const setup = await kernexWithFleet(ctx, n, {
-    mode: 'execute', runScripts: true,
+    mode: 'execute', runScripts: ctx.runScripts,
     hooks: {
       result: (_d, r, when) => {
         if (r.status === 'success') done.push(when - t0);
@@ -79,7 +79,7 @@ export async function deploy(ctx: BenchContext): Promise<ScenarioResult> {
     const pollers = new PollingFleet(setup.extra, {
       server: ctl.httpUrl, intervalMs: pollMs,
       work: new BundleWork({
-        server: ctl.httpUrl, sharedDownloads: false, runScripts: true, workDir: (await import('node:os')).tmpdir() + `/kernex-bench-poll-${process.pid}`,
+        server: ctl.httpUrl, sharedDownloads: false, runScripts: ctx.runScripts, workDir: (await import('node:os')).tmpdir() + `/kernex-bench-poll-${process.pid}`,
         downloadConcurrency: 128, deployTimeoutSeconds: 300,
       }),
       hooks: {
