@@ -3,11 +3,10 @@
 // until all are reconnected, resubscribed and shown online (the retained
 // status topic and the REST API). Reference: the same clients and storm
 // against Mosquitto (reconnect and resubscribe; it has no notion of online).
-import { monotonicUs, type Fleet, type SimDevice } from '../../sim/index.js';
-import { startMosquitto, type Child } from '../harness/children.js';
+import { Latency, monotonicUs, type SimDevice } from '../../sim/index.js';
+import { startMosquitto } from '../harness/children.js';
 import { kernexWithFleet, until } from '../harness/fleet.js';
 import { observe } from '../harness/observer.js';
-import { Latency } from '../../sim/index.js';
 import { ratio, type BenchContext, type Row, type ScenarioResult } from '../report.js';
 
 interface Storm {
@@ -39,7 +38,7 @@ export async function storm(ctx: BenchContext): Promise<ScenarioResult> {
   });
   const { ctl, api, fleet } = setup;
 
-  const run = async (name: string, broker: Child, extra?: (deadline: number) => Promise<Partial<Storm>>): Promise<Storm> => {
+  const run = async (name: string, extra?: (timeoutMs: number) => Promise<Partial<Storm>>): Promise<Storm> => {
     reconnected.clear();
     resubscribed.clear();
     active = true;
@@ -57,7 +56,6 @@ export async function storm(ctx: BenchContext): Promise<ScenarioResult> {
     };
     ctx.log(`  ${name}: all reconnected ${result.all_reconnected_ms} ms, resubscribed ${result.all_resubscribed_ms} ms`
       + (result.all_online_status_ms !== undefined ? `, online (status topic) ${result.all_online_status_ms} ms, API ${result.api_all_online_ms} ms` : ''));
-    void broker;
     return result;
   };
 
@@ -75,7 +73,7 @@ export async function storm(ctx: BenchContext): Promise<ScenarioResult> {
       else if (s.status === 'online' && offline.has(s.device_id) && !online.has(s.device_id)) online.set(s.device_id, monotonicUs() - t0);
     });
     if (!(await until(async () => (await api.onlineCount()) >= n, 60_000, 250))) throw new Error('the fleet never showed online before the storm');
-    kernex = await run('kernex', ctl, async (timeout) => {
+    kernex = await run('kernex', async (timeout) => {
       const shown = await until(() => online.size >= n, timeout, 10);
       if (!shown) throw new Error(`kernex: only ${online.size}/${n} shown online again (status topic)`);
       const statusMs = Math.round(Math.max(...online.values()) / 1000);
@@ -90,9 +88,9 @@ export async function storm(ctx: BenchContext): Promise<ScenarioResult> {
   const broker = await startMosquitto();
   let mosq: Storm;
   try {
-    const report = await (fleet as Fleet).connect(broker.mqtt);
+    const report = await fleet.connect(broker.mqtt);
     if (report.failed) throw new Error(`mosquitto: ${report.failed} devices could not connect: ${report.firstError}`);
-    mosq = await run('mosquitto', broker);
+    mosq = await run('mosquitto');
     await fleet.end();
   } finally {
     await broker.stop();
