@@ -1,10 +1,12 @@
-// (2) Heartbeat ingest: every device heartbeats once a second (QoS 0, as the
-// agent does), so N devices offer N heartbeats/s. For Kernex: how many are
+// (2) Heartbeat ingest: N devices heartbeat (QoS 0, as the agent does) at a
+// fleet-wide rate a little above the target. For Kernex: how many are
 // persisted (embedded store) and how long from publish until the store holds
 // that heartbeat or a newer one of the same device (coalescing), watched in
 // the datafile; zero loss means every heartbeat sent is covered. For Kernex
-// and the references (a bare Aedes, Mosquitto) alike: the same load with a
-// subscriber on kernex/devices/+/heartbeat, publish→delivered latency.
+// and the references (a bare Aedes, Mosquitto) alike, under the same load: an
+// integrator subscribed to every tenth device's heartbeat topic measures
+// publish→delivered (one subscriber for all of them would measure that one
+// connection), and the broker's CPU.
 import { join } from 'node:path';
 import { Latency, monotonicUs, type Fleet, type SimDevice } from '../../sim/index.js';
 import { startBareAedes, startMosquitto, type Child } from '../harness/children.js';
@@ -15,6 +17,8 @@ import { cpuPercent, sleep } from '../harness/proc.js';
 import { ratio, type BenchContext, type Row, type ScenarioResult } from '../report.js';
 
 const RING = 64;
+/** One device in SAMPLE has its heartbeats delivered to the observing subscriber. */
+const SAMPLE = 10;
 
 interface Run {
   system: string;
@@ -39,21 +43,28 @@ interface Run {
 export async function heartbeats(ctx: BenchContext): Promise<ScenarioResult> {
   const n = ctx.devices ?? (ctx.quick ? 500 : 10000);
   const seconds = ctx.quick || ctx.devices ? 5 : 20;
-  ctx.log(`heartbeats: ${n} devices × 1/s for ${seconds} s`);
+  // 5% above one per device per second, so that the generator's own jitter cannot keep the offer under N/s.
+  const intervalMs = Math.round(1000 / 1.05);
+  ctx.log(`heartbeats: ${n} devices, one heartbeat each per ${intervalMs} ms, for ${seconds} s`);
   const setup = await kernexWithFleet(ctx, n, { mode: 'record' });
   const index = new Map(setup.credentials.map((c, i) => [c.device_id, i]));
   const sentAt = new Float64Array(n * RING);
-  let current: { sent: number; delivered: number; latency: Latency } | undefined;
+  let current: { sent: number; sampledSent: number; delivered: number; latency: Latency } | undefined;
+  const sampled = (i: number) => i % SAMPLE === 0;
   const onSent = (d: SimDevice, seq: number) => {
-    sentAt[index.get(d.id)! * RING + (seq % RING)] = monotonicUs();
-    if (current) current.sent++;
+    const i = index.get(d.id)!;
+    sentAt[i * RING + (seq % RING)] = monotonicUs();
+    if (!current) return;
+    current.sent++;
+    if (sampled(i)) current.sampledSent++;
   };
+  const sampleFilters = setup.credentials.filter((_c, i) => sampled(i)).map((c) => `kernex/devices/${c.device_id}/heartbeat`);
 
   const measure = async (system: string, broker: Child, fleet: Fleet, token: string | undefined, datafile?: string): Promise<Run> => {
     const report = await fleet.connect(broker.mqtt);
     if (report.failed) throw new Error(`${system}: ${report.failed} devices could not connect: ${report.firstError}`);
-    const run = { sent: 0, delivered: 0, latency: new Latency() };
-    const observer = await observe(broker.mqtt, 'kernex/devices/+/heartbeat', token, (topic, payload) => {
+    const run = { sent: 0, sampledSent: 0, delivered: 0, latency: new Latency() };
+    const observer = await observe(broker.mqtt, sampleFilters, token, (topic, payload) => {
       const i = index.get(topic.split('/')[2]!);
       const seq = (JSON.parse(payload.toString()) as { metrics?: { sim_seq?: number } }).metrics?.sim_seq;
       if (i === undefined || !seq || !current) return;
@@ -86,13 +97,13 @@ export async function heartbeats(ctx: BenchContext): Promise<ScenarioResult> {
     current = run;
     const a = broker.sample();
     const t0 = performance.now();
-    fleet.startHeartbeats(1000, { withSeq: true, onSent });
+    fleet.startHeartbeats(intervalMs, { withSeq: true, onSent });
     await sleep(seconds * 1000);
     fleet.stopHeartbeats();
     const elapsed = (performance.now() - t0) / 1000;
     const b = broker.sample();
     // Let deliveries and the last flush land.
-    await until(() => run.delivered >= run.sent && (!tail || covered >= run.sent), 15_000, 50);
+    await until(() => run.delivered >= run.sampledSent && (!tail || covered >= run.sent), 15_000, 50);
     await tail?.read();
     current = undefined;
     await tail?.stop();
@@ -100,11 +111,11 @@ export async function heartbeats(ctx: BenchContext): Promise<ScenarioResult> {
     await fleet.end();
     const result: Run = {
       system, devices: n, seconds: Math.round(elapsed * 10) / 10, sent: run.sent, offered_per_s: Math.round(run.sent / elapsed),
-      delivered: run.delivered, delivered_per_s: Math.round(run.delivered / elapsed), delivered_lost: run.sent - run.delivered,
+      delivered: run.delivered, delivered_per_s: Math.round(run.delivered / elapsed), delivered_lost: run.sampledSent - run.delivered,
       delivered_latency: run.latency.summary(), broker_cpu_percent: Math.round(cpuPercent(a, b)),
       ...(tail ? { stored: { covered, persisted_per_s: Math.round(covered / elapsed), lost: run.sent - covered, latency: stored.summary(), datafile_lines: lines } } : {}),
     };
-    ctx.log(`  ${system}: sent ${run.sent} (${result.offered_per_s}/s), delivered ${run.delivered}, p99 delivered ${result.delivered_latency.p99_us} µs, CPU ${result.broker_cpu_percent}%`
+    ctx.log(`  ${system}: sent ${run.sent} (${result.offered_per_s}/s), delivered ${run.delivered}/${run.sampledSent} sampled, p99 delivered ${result.delivered_latency.p99_us} µs, CPU ${result.broker_cpu_percent}%`
       + (result.stored ? `, persisted ${covered} (${result.stored.persisted_per_s}/s, lost ${result.stored.lost}), p99 stored ${result.stored.latency.p99_us} µs` : ''));
     return result;
   };
@@ -125,7 +136,7 @@ export async function heartbeats(ctx: BenchContext): Promise<ScenarioResult> {
     }
   }
 
-  const scenario = `heartbeats ${n}/s`;
+  const scenario = `heartbeats ${n} devices`;
   const rows: Row[] = [];
   const s = kernex.stored!;
   rows.push({
@@ -135,8 +146,13 @@ export async function heartbeats(ctx: BenchContext): Promise<ScenarioResult> {
   rows.push({ scenario, metric: 'lost (not persisted)', unit: '', kernex: s.lost });
   rows.push({ scenario, metric: 'p50 publish → stored', unit: 'µs', kernex: s.latency.p50_us });
   rows.push({ scenario, metric: 'p99 publish → stored', unit: 'µs', kernex: s.latency.p99_us });
+  rows.push({ scenario, metric: 'offered by the simulator', unit: '/s', kernex: kernex.offered_per_s,
+    reference: { name: refs.map((r) => r.system).join('/'), value: Math.min(...refs.map((r) => r.offered_per_s)) } });
   for (const ref of refs) {
-    rows.push({ scenario, metric: 'delivered to a subscriber', unit: '/s', kernex: kernex.delivered_per_s, reference: { name: ref.system, value: ref.delivered_per_s }, ratio: ratio(kernex.delivered_per_s, ref.delivered_per_s) });
+    rows.push({ scenario, metric: 'not delivered (1/10 sampled)', unit: '', kernex: kernex.delivered_lost, reference: { name: ref.system, value: ref.delivered_lost } });
+  }
+  for (const ref of refs) {
+    rows.push({ scenario, metric: 'p50 publish → subscriber', unit: 'µs', kernex: kernex.delivered_latency.p50_us, reference: { name: ref.system, value: ref.delivered_latency.p50_us }, ratio: ratio(kernex.delivered_latency.p50_us, ref.delivered_latency.p50_us) });
   }
   for (const ref of refs) {
     rows.push({ scenario, metric: 'p99 publish → subscriber', unit: 'µs', kernex: kernex.delivered_latency.p99_us, reference: { name: ref.system, value: ref.delivered_latency.p99_us }, ratio: ratio(kernex.delivered_latency.p99_us, ref.delivered_latency.p99_us) });
@@ -146,7 +162,7 @@ export async function heartbeats(ctx: BenchContext): Promise<ScenarioResult> {
   }
   const notes = [
     'publish → stored: until the datafile holds that heartbeat or a newer one of the same device (heartbeats are coalesced in memory and written in batches every KERNEX_HEARTBEAT_FLUSH_MS = 1000 ms, so ~0.5 s median is by design).',
-    'broker CPU is percent of one core; Kernex validates, records and persists every heartbeat and delivers it to the subscriber; the references only deliver.',
+    'broker CPU is percent of one core; Kernex authenticates the topic, validates, records and persists every heartbeat and delivers the sampled tenth; the references only deliver that tenth.',
   ];
   return { name: 'heartbeats', rows, notes, details: { kernex, references: refs } };
 }
