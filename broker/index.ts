@@ -111,6 +111,9 @@ interface Emitter {
   on(topic: string, listener: (packet: { payload: Buffer | string }, cb: () => void) => void): void;
 }
 
+/** Pending connections the kernel queues for the MQTT listener. */
+const LISTEN_BACKLOG = 8192;
+
 function authError(message: string, returnCode: number): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
@@ -267,7 +270,11 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     servers.push(server);
     return new Promise<AddressInfo>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(port, host, () => resolve(server.address() as AddressInfo));
+      // A fleet reconnecting at once (controller restart, network blip) is
+      // thousands of SYNs in the same instant: with Node's default backlog
+      // of 511 the rest are dropped and retried by TCP after 1, 3, 7, 15,
+      // 31 s. The kernel caps this at net.core.somaxconn.
+      server.listen({ port, host, backlog: LISTEN_BACKLOG }, () => resolve(server.address() as AddressInfo));
     });
   };
 
