@@ -76,7 +76,15 @@ export async function startKernex(opts: { env?: Record<string, string>; logLevel
   const child = spawn(process.execPath, [
     ...nodeArgs, KERNEX_BIN, 'server', '--data-dir', dataDir, '--http-port', '0', '--mqtt-port', '0', '--host', '127.0.0.1',
     '--log-level', opts.logLevel ?? 'warn',
-  ], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KERNEX_LOG_JSON: '1', ...opts.env } });
+  ], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    // The broker's protective limits are far above what is measured here, so
+    // that what is measured is the controller, not a limit.
+    env: {
+      ...process.env, KERNEX_LOG_JSON: '1', KERNEX_MQTT_MAX_CONNECTIONS: '1000000', KERNEX_MQTT_MAX_PENDING_CONNECTIONS: '1000000',
+      ...opts.env,
+    },
+  });
   const t = track('kernex server', child);
   const credsFile = join(dataDir, 'credentials.json');
   const deadline = Date.now() + 30_000;
