@@ -43,6 +43,8 @@ interface PendingCounts {
 
 export class DeploymentService {
   private readonly counting = new Map<string, PendingCounts>();
+  /** Per deployment: the completion check running, and the one queued after it. */
+  private readonly completionChecks = new Map<string, { running?: Promise<void>; next?: Promise<void> }>();
 
   constructor(
     private repos: Repositories,
@@ -247,11 +249,8 @@ export class DeploymentService {
     const byDeployment = new Map<string, DeviceDeploymentDoc[]>();
     for (const s of states) byDeployment.set(s.deployment_id, [...(byDeployment.get(s.deployment_id) ?? []), s]);
     for (const [deploymentId, group] of byDeployment) {
-      // Asking the states whether any is left costs a pass over the
-      // deployment's states: in the normal path it is asked only once the
-      // counters say every device is done (a repair always asks).
-      const counted = opts.count ? await this.countFinished(deploymentId, group) : null;
-      if (!counted || counted.finished >= counted.total) await this.completeIfDone(deploymentId);
+      if (opts.count) await this.countFinished(deploymentId, group);
+      await this.checkCompletion(deploymentId);
     }
   }
 
@@ -317,6 +316,31 @@ export class DeploymentService {
     }
     c.writing = false;
     this.counting.delete(deploymentId);
+  }
+
+  /**
+   * Resolves once a completeIfDone of this deployment that started after this
+   * call has run. Asking the states whether any is left is a pass over the
+   * deployment's states; a thousand outcomes arriving together each asked it
+   * (O(N²)). Now the outcomes that arrive while one check runs share the next.
+   */
+  private checkCompletion(deploymentId: string): Promise<void> {
+    let c = this.completionChecks.get(deploymentId);
+    if (!c) this.completionChecks.set(deploymentId, (c = {}));
+    if (c.next) return c.next;
+    const checks = c;
+    const next = (checks.running ?? Promise.resolve()).catch(() => undefined).then(() => {
+      checks.next = undefined;
+      const run = this.completeIfDone(deploymentId);
+      checks.running = run;
+      return run.finally(() => {
+        if (checks.running !== run) return;
+        checks.running = undefined;
+        if (!checks.next) this.completionChecks.delete(deploymentId);
+      });
+    });
+    checks.next = next;
+    return next;
   }
 
   /**
