@@ -12,6 +12,7 @@ import { deployCommand, deploymentsCommand, rollbackCommand } from './ctl/deploy
 import { devicesCommand } from './ctl/devices.js';
 import { reportError } from './ctl/command.js';
 import { EXIT } from './ctl/errors.js';
+import { handleInterrupts } from './ctl/interrupt.js';
 import { statusCommand } from './ctl/status.js';
 import { watchCommand } from './ctl/watch.js';
 
@@ -43,6 +44,7 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
 const crash = (err: unknown) => process.exit(reportError(err, verbose));
 process.on('uncaughtException', crash);
 process.on('unhandledRejection', crash);
+handleInterrupts();
 
 const GROUPS: Record<string, string[]> = {
   status: [], deploy: [], rollback: [], watch: [], completion: [],

@@ -455,8 +455,12 @@ describe('errors: one line saying what to do, and an exit code', () => {
     const waiting = spawnKernexctl(['deploy', '1.0.0', '-d', 'dev-late', '--wait'], { env: local() });
     running.push(waiting);
     await waitFor(() => waiting.stdout().includes('deploying 1.0.0'), 'the wait to start');
-    expect(await waiting.stop('SIGINT')).toBe(130);
-    expect(waiting.stderr()).toMatch(/^kernexctl: stopped waiting; deployment (\S+) goes on\. Follow it again with: kernexctl deployments wait \1\n$/);
+    const code = await waiting.stop('SIGINT');
+    expect({ code, signal: waiting.child.signalCode, stderr: waiting.stderr() }).toEqual({
+      code: 130,
+      signal: null,
+      stderr: expect.stringMatching(/^kernexctl: stopped waiting; deployment (\S+) goes on\. Follow it again with: kernexctl deployments wait \1\n$/),
+    });
   });
 
   test('MQTT broker unreachable: watch exits 3; --wait falls back to polling the REST API', async () => {

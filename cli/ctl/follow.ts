@@ -11,6 +11,7 @@ import type { Context } from './context.js';
 import { CtlError, EXIT } from './errors.js';
 import { openEventStream, EVENT_TOPICS, type EventStream, type LiveEvent } from './events.js';
 import { dash, formatDuration, formatTime, type Column } from './output.js';
+import { onInterrupt } from './interrupt.js';
 import { FINAL_STATUSES, type Deployment, type DeviceDeployment } from './types.js';
 
 const POLL_MS = 1000;
@@ -151,8 +152,7 @@ export async function startAndFollow(
   const onSignal = () =>
     fail(new CtlError(`stopped waiting; deployment ${id} goes on. Follow it again with: kernexctl deployments wait ${id}`,
       EXIT.interrupted));
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  const withdraw = onInterrupt(onSignal);
   if (opts.timeoutSeconds > 0) {
     timers.push(setTimeout(() => {
       const c = counts();
@@ -178,8 +178,7 @@ export async function startAndFollow(
   } finally {
     for (const t of timers) clearTimeout(t);
     clearTimeout(endCheck);
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    withdraw();
     live?.clear();
     await events?.close();
   }

@@ -5,6 +5,7 @@ import { deviceId, run, splitList } from './command.js';
 import type { GlobalArgs } from './context.js';
 import { usageError } from './errors.js';
 import { EVENT_TOPICS, openEventStream, type LiveEvent } from './events.js';
+import { onInterrupt } from './interrupt.js';
 import { formatDuration, formatTime } from './output.js';
 
 const KINDS = ['heartbeat', 'status', 'results', 'config', 'deployments'] as const;
@@ -148,9 +149,6 @@ export const watchCommand: CommandModule<GlobalArgs, WatchArgs> = {
     });
 
     // Until Ctrl-C or SIGTERM: ending a watch that way is success.
-    await new Promise<void>((resolve) => {
-      process.once('SIGINT', resolve);
-      process.once('SIGTERM', resolve);
-    });
+    await new Promise<void>((resolve) => onInterrupt(() => resolve()));
   }),
 };
