@@ -1,17 +1,20 @@
 // The controller process killed (SIGKILL) in the middle of a 20-device
-// deployment and started again on the same data dir, and stopped (SIGTERM)
+// deployment and started again on the same data dir (with the embedded broker,
+// and with the broker's sessions and queues in Redis), and stopped (SIGTERM)
 // during one. Devices: real agent processes, and light simulated devices
 // (test/support/sim-device.ts) that keep the agent's promises.
 import { existsSync } from 'node:fs';
 import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { waitFor } from './support/controller.js';
 import { startControllerProcess, type ControllerProcess } from './support/controller-process.js';
 import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { packBundle } from './support/bundles.js';
 import { SimDevice } from './support/sim-device.js';
 import { agentState, gatedBundle, readLines } from './support/faults.js';
+import { hasProgram } from './support/programs.js';
+import { startRedis, type RedisServer } from './support/redis.js';
 
 let work: string;
 /** Gate files the gated scripts wait for; all opened at the end, so no script outlives the tests. */
@@ -19,9 +22,12 @@ const gates: string[] = [];
 const agents: AgentProcess[] = [];
 const sims: SimDevice[] = [];
 const controllers: ControllerProcess[] = [];
+const withRedis = hasProgram('redis-server');
+let redis: RedisServer | undefined;
 
 beforeAll(async () => {
   work = await mkdtemp(join(tmpdir(), 'kernex-faults-ctl-'));
+  if (withRedis) redis = await startRedis();
 });
 
 afterAll(async () => {
@@ -29,13 +35,15 @@ afterAll(async () => {
   await Promise.all(agents.map((a) => a.stop('SIGKILL')));
   await Promise.all(sims.map((s) => s.stop()));
   await Promise.all(controllers.map((c) => c.kill('SIGKILL')));
+  await redis?.stop();
 });
 
+/** A real agent whose gated script waits for `gate` and appends to `<dir of gate>/<deviceId>.out`. */
 async function startAgent(ctl: ControllerProcess, deviceId: string, gate: string) {
   gates.push(gate);
   const a = await startAgentProcess({
     deviceId, server: ctl.httpUrl, enrollmentToken: ctl.creds.enrollment_token,
-    env: { KERNEX_TEST_OUT: join(work, `${deviceId}.out`), KERNEX_TEST_GATE: gate },
+    env: { KERNEX_TEST_OUT: join(dirname(gate), `${deviceId}.out`), KERNEX_TEST_GATE: gate },
   });
   agents.push(a);
   return a;
@@ -57,8 +65,10 @@ async function historyOf(ctl: ControllerProcess, deploymentId: string) {
   return [...docs.values()];
 }
 
-test('SIGKILL mid-deployment (20 devices), restart on the same data dir: nothing lost, nothing twice', async () => {
-  const ctl = await startControllerProcess();
+/** One broker backend's run; each has its own controller, data dir and device-side files. */
+async function sigkillMidDeployment(env: Record<string, string>) {
+  const work = await mkdtemp(join(tmpdir(), 'kernex-faults-kill-'));
+  const ctl = await startControllerProcess({ env });
   controllers.push(ctl);
   // 6 real agents: a0-a2 finish before the kill, a3-a5 are running their script at the kill.
   const realIds = ['a0', 'a1', 'a2', 'a3', 'a4', 'a5'];
@@ -116,7 +126,8 @@ test('SIGKILL mid-deployment (20 devices), restart on the same data dir: nothing
     const d = (await ctl.api.get(`/deployments/${id}`)).body;
     return d.finished_at ? d : null;
   }, 'the deployment to finish after the restart', 60_000);
-  process.stderr.write(`controller SIGKILL + restart: 20-device deployment finished ${Date.now() - t0} ms after the kill\n`);
+  process.stderr.write(`controller SIGKILL + restart (${env.KERNEX_REDIS_URL ? 'Redis' : 'embedded'} broker): ` +
+    `20-device deployment finished ${Date.now() - t0} ms after the kill\n`);
 
   // Controller side: every state intact and final once; counters and history exact.
   expect(dep).toMatchObject({ status: 'success', total: 20, finished: 20, succeeded: 20, failed: 0 });
@@ -144,6 +155,14 @@ test('SIGKILL mid-deployment (20 devices), restart on the same data dir: nothing
   // subscribe); each still ran it once, as the single history entry per device shows.
   for (const s of offline) expect([...new Set(sim.get(s)!.received)]).toEqual([id]);
   for (const a of real.slice(0, 3)) expect(a.output()).not.toContain('duplicate command answered from record');
+}
+
+test('SIGKILL mid-deployment (20 devices), restart on the same data dir: nothing lost, nothing twice', async () => {
+  await sigkillMidDeployment({});
+}, 120_000);
+
+(withRedis ? test : test.skip)('the same on the Redis broker: sessions and queued commands outlive the killed process', async () => {
+  await sigkillMidDeployment({ KERNEX_REDIS_URL: redis!.url });
 }, 120_000);
 
 test('SIGTERM during a deploy: exits 0 promptly, heartbeats flushed, the deploy completes after the restart', async () => {

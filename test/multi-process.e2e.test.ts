@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { hasProgram } from './support/programs.js';
 import { startRedis, type RedisServer } from './support/redis.js';
-import { startServerProcess, type ServerProcess } from './support/server.js';
+import { startControllerProcess, type ControllerProcess } from './support/controller-process.js';
 import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { startTcpProxy, type TcpProxy } from './support/proxy.js';
 import { packBundle, scriptBundle } from './support/bundles.js';
@@ -27,7 +27,7 @@ run('two controller processes on one Redis', () => {
   let redis: RedisServer;
   let lb: TcpProxy;
   let httpLb: TcpProxy;
-  const servers: ServerProcess[] = [];
+  const servers: ControllerProcess[] = [];
   const agents: AgentProcess[] = [];
   let watcher: ChildProcess | undefined;
 
@@ -38,7 +38,7 @@ run('two controller processes on one Redis', () => {
   afterAll(async () => {
     watcher?.kill();
     await Promise.all(agents.map((a) => a.stop()));
-    await Promise.all(servers.map((s) => s.stop()));
+    await Promise.all(servers.map((s) => s.kill('SIGTERM')));
     await lb?.close();
     await httpLb?.close();
     await redis?.stop();
@@ -55,7 +55,7 @@ run('two controller processes on one Redis', () => {
     const out = join(work, 'deploys.out');
 
     // Set-up on instance 1 alone: the device registers, the bundles are uploaded.
-    let one = await startServerProcess({ httpPort: http1, mqttPort: mqtt1, env: env('proc-1') });
+    const one = await startControllerProcess({ httpPort: http1, mqttPort: mqtt1, env: env('proc-1') });
     servers.push(one);
     const agentArgs = {
       deviceId: 'dev-p', server: `http://127.0.0.1:${httpLb.port}`, enrollmentToken: one.creds.enrollment_token,
@@ -66,14 +66,14 @@ run('two controller processes on one Redis', () => {
     await waitFor(async () => (await one.api.get('/devices/dev-p')).body.status === 'online', 'dev-p online');
     for (const v of ['3.0.0', '3.1.0']) expect((await one.api.upload(await packBundle(scriptBundle(v, out)))).status).toBe(201);
     await first.stop();
-    expect(await one.stop()).toBe(0);
+    expect(await one.kill('SIGTERM')).toEqual({ code: 0, signal: null });
 
     // Instance 2 from a copy; both start on the same Redis.
     const copy = join(work, 'instance-2');
     await cp(one.dataDir, copy, { recursive: true });
-    one = await startServerProcess({ dataDir: one.dataDir, httpPort: http1, mqttPort: mqtt1, env: env('proc-1') });
-    const two = await startServerProcess({ dataDir: copy, env: env('proc-2') });
-    servers.push(one, two);
+    await one.restart();
+    const two = await startControllerProcess({ dataDir: copy, env: env('proc-2') });
+    servers.push(two);
     lb.route([one.mqttPort, two.mqttPort]);
     httpLb.route([one.httpPort, two.httpPort]);
 
@@ -113,7 +113,7 @@ run('two controller processes on one Redis', () => {
     expect((await two.api.get('/devices/dev-p')).body.status).toBe('offline');
 
     // Instance 1 dies. A deployment created right then waits in Redis.
-    await one.stop('SIGKILL');
+    await one.kill('SIGKILL');
     const again = await two.api.post('/deployments', { bundle_version: '3.1.0', target_device_ids: ['dev-p'] });
     expect(again.status).toBe(201);
     const d2 = again.body.deployment_id as string;

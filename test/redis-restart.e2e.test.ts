@@ -12,7 +12,7 @@ import { createFleetPublisher } from '../controller/mqtt/publisher.js';
 import type { DeviceConfigMessage } from '../schemas/index.js';
 import { hasProgram } from './support/programs.js';
 import { startRedis, type RedisServer } from './support/redis.js';
-import { startServerProcess, type ServerProcess } from './support/server.js';
+import { startControllerProcess, type ControllerProcess } from './support/controller-process.js';
 import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { packBundle, scriptBundle } from './support/bundles.js';
 import { waitFor } from './support/controller.js';
@@ -24,7 +24,7 @@ const logger = pino({ level: process.env.KERNEX_TEST_LOG ?? 'silent' });
 
 run('controller process on Redis, restarted', () => {
   let redis: RedisServer;
-  const servers: ServerProcess[] = [];
+  const servers: ControllerProcess[] = [];
   const agents: AgentProcess[] = [];
 
   beforeAll(async () => {
@@ -33,14 +33,14 @@ run('controller process on Redis, restarted', () => {
 
   afterAll(async () => {
     await Promise.all(agents.map((a) => a.stop()));
-    await Promise.all(servers.map((s) => s.stop()));
+    await Promise.all(servers.map((s) => s.kill('SIGTERM')));
     await redis.stop();
   });
 
   test('an offline device gets the command queued across the restart, and the retained config survives', async () => {
     const [httpPort, mqttPort] = [await freePort(), await freePort()];
     const env = { KERNEX_REDIS_URL: redis.url };
-    const first = await startServerProcess({ httpPort, mqttPort, env });
+    const first = await startControllerProcess({ httpPort, mqttPort, env });
     servers.push(first);
     const work = await mkdtemp(join(tmpdir(), 'kernex-restart-'));
     const out = join(work, 'deploys.out');
@@ -63,7 +63,7 @@ run('controller process on Redis, restarted', () => {
 
     // The controller stops; the retained config is published meanwhile by
     // another broker on the same Redis (no config route exists yet).
-    expect(await first.stop('SIGTERM')).toBe(0);
+    expect(await first.kill('SIGTERM')).toEqual({ code: 0, signal: null });
     expect(await queued()).toBe(1);
     const config: DeviceConfigMessage = {
       config_version: 7, polling_interval: 2, heartbeat_timeout: 30, deploy_timeout: 120, log_level: 'INFO',
@@ -75,8 +75,8 @@ run('controller process on Redis, restarted', () => {
     await other.close();
 
     // A new controller process on the same data dir, ports and Redis.
-    const second = await startServerProcess({ dataDir: first.dataDir, httpPort, mqttPort, env });
-    servers.push(second);
+    await first.restart();
+    const second = first;
 
     // Mosquitto's client, as an operator, reads the retained config back.
     const { stdout } = await promisify(execFile)('mosquitto_sub', [

@@ -2,12 +2,12 @@
 // or SIGTERM it and start it again on the same data dir and ports.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Credentials } from '../../controller/services/tokens.js';
 import { KERNEX_BIN } from './agent.js';
 import { ApiClient, waitFor } from './controller.js';
+import { freePort } from './ports.js';
 
 export interface ControllerProcess {
   dataDir: string;
@@ -26,18 +26,19 @@ export interface ControllerProcess {
   restart(): Promise<void>;
 }
 
-/** A port nobody listens on right now (the kernel's pick). */
-export async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
+export interface ControllerProcessOptions {
+  /** Default: a new temporary one. */
+  dataDir?: string;
+  /** Fixed ports (a load balancer in front, or a successor process); default: free ones. */
+  httpPort?: number;
+  mqttPort?: number;
+  env?: Record<string, string>;
 }
 
-export async function startControllerProcess(opts: { dataDir?: string; env?: Record<string, string> } = {}): Promise<ControllerProcess> {
+export async function startControllerProcess(opts: ControllerProcessOptions = {}): Promise<ControllerProcess> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'kernex-ctlproc-')));
-  let [httpPort, mqttPort] = [await freePort(), await freePort()];
+  const fixedPorts = opts.httpPort !== undefined || opts.mqttPort !== undefined;
+  let [httpPort, mqttPort] = [opts.httpPort ?? (await freePort()), opts.mqttPort ?? (await freePort())];
   let child!: ChildProcess;
   let out = '';
   let exited!: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -75,7 +76,7 @@ export async function startControllerProcess(opts: { dataDir?: string; env?: Rec
       await launch();
       break;
     } catch (err) {
-      if (attempt === 3 || !/EADDRINUSE/.test((err as Error).message)) throw err;
+      if (fixedPorts || attempt === 3 || !/EADDRINUSE/.test((err as Error).message)) throw err;
       [httpPort, mqttPort] = [await freePort(), await freePort()];
     }
   }
