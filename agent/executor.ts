@@ -9,17 +9,21 @@
 //     script's process group, then reports `failed` with reason `interrupted`,
 //     or runs the script again if the manifest declares it `idempotent`;
 //   - killed after the outcome was recorded: it is sent again on connect.
+import { randomUUID } from 'node:crypto';
 import { mkdir, rm, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { BundleCommand, CommandResult } from '../schemas/index.js';
 import {
-  assertTrustedSigner, downloadBundle, extractBundle, killLeftoverGroup, processStartTime, removeStaleExtractions, runScript,
-  sha256File, verifyBundleSignature, type TrustedKey,
+  assertTrustedSigner, downloadBundle, extractBundle, killLeftoverGroup, killTaggedGroups, processStartTime,
+  removeStaleExtractions, runScript, sha256File, verifyBundleSignature, type TrustedKey,
 } from './bundle/index.js';
 import { ParkedError, type Pause, type PausePoint } from './pause.js';
 import type { InFlight, StateFile } from './state.js';
+
+/** In each script's environment: a value unique to that run (see InFlight.run_id). */
+const RUN_ID_ENV = 'KERNEX_RUN_ID';
 
 export interface ExecutorDeps {
   state: StateFile;
@@ -101,6 +105,10 @@ export class CommandExecutor {
     }
     if (interrupted.script && (await killLeftoverGroup(interrupted.script.pgid, interrupted.script.start_time))) {
       logger.warn({ deploymentId, pgid: interrupted.script.pgid }, 'ended the script the previous agent process left running');
+    } else if (!interrupted.script && interrupted.run_id) {
+      // Killed between starting the script and recording its group: found by the tag in its environment.
+      const ended = await killTaggedGroups(`${RUN_ID_ENV}=${interrupted.run_id}`);
+      if (ended.length) logger.warn({ deploymentId, pgids: ended }, 'ended the script the previous agent process left running');
     }
     const attempts = interrupted.attempts ?? 1;
     const resumable = BEFORE_SCRIPT.has(interrupted.phase) || (interrupted.phase === 'running' && interrupted.idempotent === true);
@@ -293,13 +301,18 @@ export class CommandExecutor {
     const idempotent = step.idempotent === true;
     // Once stopping, no script is started: the command resumes on the next start.
     this.parkIfStopping();
-    await record('running', { idempotent });
+    const runId = randomUUID();
+    await record('running', { idempotent, run_id: runId });
     const timeout = command.deploy_timeout ?? this.deps.deployTimeout();
     const run = await runScript({
       bundleDir: root, script: step.script, timeoutSeconds: timeout, signal: this.kill.signal,
-      env: { KERNEX_DEPLOYMENT_ID: command.deployment_id, KERNEX_BUNDLE_VERSION: command.bundle_version, KERNEX_COMMAND: command.type },
+      env: {
+        KERNEX_DEPLOYMENT_ID: command.deployment_id, KERNEX_BUNDLE_VERSION: command.bundle_version, KERNEX_COMMAND: command.type,
+        [RUN_ID_ENV]: runId,
+      },
       onSpawn: async (pid) => {
-        await record('running', { idempotent, script: { pgid: pid, start_time: await processStartTime(pid) } }, false);
+        await this.pause('spawned', command);
+        await record('running', { idempotent, run_id: runId, script: { pgid: pid, start_time: await processStartTime(pid) } }, false);
         await this.pause('running', command);
       },
     });

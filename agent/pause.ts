@@ -7,7 +7,8 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 
-export const PAUSE_POINTS = ['received', 'downloading', 'verified', 'extracting', 'running', 'reporting'] as const;
+// `spawned`: the script has started, its process group is not recorded yet.
+export const PAUSE_POINTS = ['received', 'downloading', 'verified', 'extracting', 'spawned', 'running', 'reporting'] as const;
 export type PausePoint = (typeof PAUSE_POINTS)[number];
 
 export const PAUSE_ENV = 'KERNEX_AGENT_TEST_PAUSE_AT';

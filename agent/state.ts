@@ -23,6 +23,11 @@ export interface InFlight {
   idempotent?: boolean;
   /** The running script's process group, so a restart can end what the killed agent left running. */
   script?: { pgid: number; start_time: number | null };
+  /**
+   * Put in the script's environment as KERNEX_RUN_ID before it starts: finds
+   * what a killed agent left running before it could record `script`.
+   */
+  run_id?: string;
 }
 
 export interface AgentState {

@@ -152,20 +152,27 @@ describe('agent killed (SIGKILL) in each phase before the script ran, or after: 
 });
 
 describe('agent killed (SIGKILL) while the script runs', () => {
-  async function killWhileRunning(deviceId: string, version: string, idempotent: boolean) {
+  /**
+   * `running`: killed once the script's process group is recorded; `spawned`:
+   * killed after the script started and before its group was recorded.
+   */
+  async function killWhileRunning(deviceId: string, version: string, idempotent: boolean, point: 'running' | 'spawned' = 'running') {
     const out = join(work, `${deviceId}.out`);
     // The script sleeps in a child process: both outlive the killed agent (own session).
-    const first = await agent(deviceId, { [PAUSE_ENV]: 'running', KERNEX_TEST_OUT: out, KERNEX_TEST_SLEEP: '60' });
+    const first = await agent(deviceId, { [PAUSE_ENV]: point, KERNEX_TEST_OUT: out, KERNEX_TEST_SLEEP: '60' });
     await upload(traceBundle(version, { idempotent }));
     const id = await deploy(version, deviceId);
-    await killAt(first, 'running');
+    await killAt(first, point);
 
     const inFlight = (await agentState(first.dataDir)).in_flight;
-    expect(inFlight).toMatchObject({ phase: 'running', idempotent, script: { pgid: expect.any(Number) } });
-    const pgid = inFlight!.script!.pgid;
+    expect(inFlight).toMatchObject({ phase: 'running', idempotent, run_id: expect.any(String) });
+    if (point === 'running') expect(inFlight!.script).toEqual({ pgid: expect.any(Number), start_time: expect.any(Number) });
+    else expect(inFlight!.script).toBeUndefined();
     await waitFor(async () => (await readLines(`${out}.pids`)).length === 2, 'the script to record its pids');
     const pids = (await readLines(`${out}.pids`)).map(Number);
-    expect(pids[0]).toBe(pgid);
+    // The script leads its process group.
+    const pgid = pids[0]!;
+    if (point === 'running') expect(pgid).toBe(inFlight!.script!.pgid);
     for (const pid of pids) expect(await processRunning(pid)).toBe(true);
 
     const second = await agent(deviceId, { KERNEX_TEST_OUT: out, KERNEX_TEST_SLEEP: '0' }, { dataDir: first.dataDir });
@@ -189,6 +196,15 @@ describe('agent killed (SIGKILL) while the script runs', () => {
     const s = await agentState(second.dataDir);
     expect(s.in_flight).toBeNull();
     expect(s.handled[id]).toMatchObject({ result: { status: 'failed', reason: 'interrupted' } });
+    await second.stop();
+  });
+
+  test.concurrent('killed after the script started, before its process group was recorded: found by its run id, ended, reported failed', async () => {
+    const { id, dep, out, second } = await killWhileRunning('kill-spawned', '2.2.0', false, 'spawned');
+    expect(dep).toMatchObject({ status: 'failed', finished: 1, failed: 1 });
+    expect(dep.devices).toEqual([expect.objectContaining({ status: 'failed', reason: 'interrupted' })]);
+    expect(await history('kill-spawned')).toEqual([expect.objectContaining({ deployment_id: id, status: 'failed' })]);
+    expect(await readLines(out)).toEqual(['start 2.2.0']);
     await second.stop();
   });
 

@@ -8,7 +8,7 @@ export {
   DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, type ExtractLimits, type ExtractHooks, type EntryHeader,
 } from './extract.js';
 export {
-  runScript, killLeftoverGroup, processStartTime, OUTPUT_TAIL_BYTES, type RunScriptOptions, type ScriptResult,
+  runScript, killLeftoverGroup, killTaggedGroups, processStartTime, OUTPUT_TAIL_BYTES, type RunScriptOptions, type ScriptResult,
 } from './run.js';
 export {
   signBundleDigest, signBundleFile, verifyBundleSignature, assertTrustedSigner, parseSignature, loadTrustedKeys,

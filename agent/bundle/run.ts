@@ -179,6 +179,28 @@ function signalGroup(pgid: number, signal: NodeJS.Signals): void {
   }
 }
 
+/** Process ids in /proc; null where there is no /proc. */
+async function listPids(): Promise<string[] | null> {
+  if (process.platform !== 'linux') return null;
+  try {
+    return (await fs.readdir('/proc')).filter((name) => /^\d+$/.test(name));
+  } catch {
+    return null;
+  }
+}
+
+/** State and process group of a process; null once it is gone. */
+async function procStat(pid: string): Promise<{ state: string; pgrp: number } | null> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+    const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return { state: state!, pgrp: Number(pgrp) };
+  } catch {
+    return null;
+  }
+}
+
 /** Whether any process of the group can still run (zombies cannot, and hold nothing). */
 async function groupAlive(pgid: number): Promise<boolean> {
   try {
@@ -188,24 +210,19 @@ async function groupAlive(pgid: number): Promise<boolean> {
   }
   // The group still "exists" while a killed member waits to be reaped by its new
   // parent, and PID 1 in a container often never reaps. Look closer where we can.
-  if (process.platform !== 'linux') return true;
-  let pids: string[];
-  try {
-    pids = (await fs.readdir('/proc')).filter((name) => /^\d+$/.test(name));
-  } catch {
-    return true;
+  const pids = await listPids();
+  if (!pids) return true;
+  const stats = await Promise.all(pids.map(procStat));
+  return stats.some((s) => s !== null && s.pgrp === pgid && s.state !== 'Z');
+}
+
+/** TERM, a grace period, then KILL. */
+async function endGroup(pgid: number): Promise<void> {
+  signalGroup(pgid, 'SIGTERM');
+  if (!(await groupGone(pgid, Date.now() + KILL_GRACE_MS))) {
+    signalGroup(pgid, 'SIGKILL');
+    await groupGone(pgid, Date.now() + KILL_GRACE_MS);
   }
-  const states = await Promise.all(pids.map(async (pid) => {
-    try {
-      const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-      // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return Number(pgrp) === pgid && state !== 'Z';
-    } catch {
-      return false; // exited meanwhile
-    }
-  }));
-  return states.includes(true);
 }
 
 /** Polls until no process of the group is left or the deadline passes. */
@@ -247,12 +264,35 @@ export async function killLeftoverGroup(pgid: number, leaderStartTime: number | 
   const leaderNow = await processStartTime(pgid);
   if (leaderNow !== null && leaderStartTime !== null && leaderNow !== leaderStartTime) return false; // a new process owns the number
   if (leaderNow !== null && leaderStartTime === null) return false; // cannot prove it is ours
-  signalGroup(pgid, 'SIGTERM');
-  if (!(await groupGone(pgid, Date.now() + KILL_GRACE_MS))) {
-    signalGroup(pgid, 'SIGKILL');
-    await groupGone(pgid, Date.now() + KILL_GRACE_MS);
-  }
+  await endGroup(pgid);
   return true;
+}
+
+/**
+ * Ends the process groups of every process whose environment holds the entry
+ * `tag` (NAME=value): a script the agent started just before it was killed,
+ * before it could record the script's process group. The tag is unique per
+ * run, so nothing else carries it. Resolves the groups ended.
+ */
+export async function killTaggedGroups(tag: string): Promise<number[]> {
+  const pids = await listPids();
+  if (!pids) return [];
+  const entry = Buffer.from(`\0${tag}\0`);
+  const own = (await procStat(String(process.pid)))?.pgrp;
+  const groups = new Set<number>();
+  await Promise.all(pids.map(async (pid) => {
+    let environ: Buffer;
+    try {
+      environ = await fs.readFile(`/proc/${pid}/environ`);
+    } catch {
+      return; // gone, or not ours to read
+    }
+    if (!Buffer.concat([Buffer.from('\0'), environ]).includes(entry)) return;
+    const stat = await procStat(pid);
+    if (stat && stat.state !== 'Z' && stat.pgrp !== own) groups.add(stat.pgrp);
+  }));
+  await Promise.all([...groups].map(endGroup));
+  return [...groups];
 }
 
 /** Keeps the last `limit` bytes of a byte stream. */
