@@ -12,6 +12,7 @@ import { createServices, type Services } from './services/index.js';
 import { createFleetPublisher } from './mqtt/publisher.js';
 import { createBrokerHooks, type MessageCounters } from './mqtt/handlers.js';
 import { createHttpApp } from './http.js';
+import { compileAll } from '../schemas/index.js';
 import { scaleOutWarnings, type ControllerConfig, type S3Settings } from './config.js';
 
 export { loadControllerConfig, ConfigError, CONTROLLER_ENV, scaleOutWarnings, type ControllerConfig, type ControllerFlags } from './config.js';
@@ -49,6 +50,7 @@ export interface ControllerDeps {
 export async function startController(config: ControllerConfig, logger: Logger, deps: ControllerDeps = {}): Promise<Controller> {
   await mkdir(config.dataDir, { recursive: true });
   for (const warning of scaleOutWarnings(config)) logger.warn(warning);
+  compileAll();
   const ownStore: Store | undefined = deps.store
     ? undefined
     : await openStore({ mongoUrl: config.mongoUrl, dataDir: config.dataDir, inMemory: config.inMemoryStore });

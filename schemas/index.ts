@@ -1,6 +1,5 @@
 // Every payload crossing a socket, a file or a process is checked here first.
-// Schemas are compiled once at load; types come from schemas/types.ts, which
-// is generated from the same files.
+// Types come from schemas/types.ts, which is generated from the same files.
 import { Ajv2020 } from 'ajv/dist/2020.js';
 import type { ErrorObject, ValidateFunction } from 'ajv';
 import addFormatsModule from 'ajv-formats';
@@ -63,17 +62,24 @@ type AddFormats = (ajv: Ajv2020) => Ajv2020;
 const addFormats: AddFormats =
   (addFormatsModule as unknown as { default?: AddFormats }).default ?? (addFormatsModule as unknown as AddFormats);
 
-function createAjv(coerceTypes: boolean): Ajv2020 {
+// Schemas are registered up front and each is compiled on its first use (ajv
+// keeps the compiled function): a kernexctl command pays only for the few it
+// checks, and a long-running process compiles each one once.
+function createAjv(coerceTypes: boolean, registered: object[]): Ajv2020 {
   const ajv = new Ajv2020({ allErrors: true, strict: false, coerceTypes });
   addFormats(ajv);
   ajv.addFormat('semver', { type: 'string', validate: (v: string) => semver.valid(v) !== null });
-  ajv.addSchema(common);
+  ajv.addSchema([common, ...registered]);
   return ajv;
 }
 
-const strict = createAjv(false);
+const strict = createAjv(false, [
+  manifest, heartbeat, command, result, deviceConfig, deviceStatus, fleetEvent, registerRequest, deploymentRequest,
+  rollbackRequest, resultRequest, heartbeatResponse, bundleHistoryEntry, deviceConfigView, rollbackResponse, apiError,
+  deviceView, bundleView, deploymentView, registerResponse, resultResponse, tokenRequest,
+]);
 // Only the config update accepts "120" for 120, as the earlier system sent it.
-const coercing = createAjv(true);
+const coercing = createAjv(true, [configUpdate]);
 
 function describe(errors: ErrorObject[] | null | undefined): string[] {
   return (errors ?? []).map((e) => {
@@ -87,12 +93,18 @@ function describe(errors: ErrorObject[] | null | undefined): string[] {
 }
 
 function compile<T>(ajv: Ajv2020, schema: { $id: string; title?: string }): Validator<T> {
-  const fn: ValidateFunction = ajv.compile(schema);
+  let fn: ValidateFunction | undefined;
+  const compiled = (): ValidateFunction => {
+    fn ??= ajv.getSchema(schema.$id);
+    if (!fn) throw new Error(`schema ${schema.$id} is not registered`);
+    return fn;
+  };
   const name = schema.$id.replace('.schema.json', '');
   let last: string[] = [];
   const check = ((data: unknown): data is T => {
-    if (fn(data)) return true;
-    last = describe(fn.errors);
+    const validateFn = compiled();
+    if (validateFn(data)) return true;
+    last = describe(validateFn.errors);
     return false;
   }) as Validator<T>;
   check.parse = (data: unknown): T => {
@@ -118,8 +130,7 @@ export const validate = {
   resultRequest: compile<ResultRequest>(strict, resultRequest),
   configUpdate: compile<ConfigUpdate>(coercing, configUpdate),
   // REST answers: what clients (the agent's HTTP fallback, kernexctl) may
-  // check, and what the OpenAPI document shows. They refer to the manifest and
-  // command schemas above by $id, so they are compiled after them.
+  // check, and what the OpenAPI document shows.
   heartbeatResponse: compile<HeartbeatResponse>(strict, heartbeatResponse),
   bundleHistoryEntry: compile<BundleHistoryEntry>(strict, bundleHistoryEntry),
   deviceConfigView: compile<DeviceConfigView>(strict, deviceConfigView),
@@ -132,6 +143,11 @@ export const validate = {
   resultResponse: compile<ResultResponse>(strict, resultResponse),
   tokenRequest: compile<TokenRequest>(strict, tokenRequest),
 };
+
+/** Compiles every validator now (a server does, so its first messages do not pay for it). */
+export function compileAll(): void {
+  for (const v of Object.values(validate)) v(undefined);
+}
 
 /** Parses JSON bytes and validates them; throws SchemaError for either failure. */
 export function parseJson<T>(validator: Validator<T>, bytes: Buffer | string, name = 'payload'): T {
