@@ -12,6 +12,7 @@ import { deviceRoutes } from './routes/devices.js';
 import { bundleRoutes } from './routes/bundles.js';
 import { deploymentRoutes } from './routes/deployments.js';
 import { healthRoutes } from './routes/health.js';
+import { summaryRoutes } from './routes/summary.js';
 import { deviceConfigRoutes } from './routes/device-config.js';
 import { rollbackRoutes } from './routes/rollback.js';
 import { registerOpenApi } from './openapi.js';
@@ -128,6 +129,7 @@ export async function createHttpApp(opts: HttpOptions): Promise<FastifyInstance>
 
   await app.register(async (api) => {
     await healthRoutes(api, opts);
+    await summaryRoutes(api, { ...opts, guard });
     await deviceRoutes(api, { ...opts, guard });
     await bundleRoutes(api, { ...opts, guard });
     await deploymentRoutes(api, { ...opts, guard });

@@ -80,6 +80,11 @@ export const ROUTE_DOCS: Record<string, Json> = {
     response: { 200: { description: 'The controller is up.', type: 'object', properties: { status: { const: 'ok' }, version: { type: 'string' } } } },
   },
 
+  'GET /api/v1/summary': {
+    tags: ['health'], summary: 'Devices by presence and running deployments, counted on the controller', security: BEARER,
+    response: { 200: answer('The fleet at a glance.', schemas.fleetSummary), ...common },
+  },
+
   'POST /api/v1/devices/register': {
     tags: ['devices'], summary: 'Register a device (idempotent for the same id and key)', security: [],
     description: 'Needs an enrollment token and a proof of possession: `timestamp` (now) and `signature`, the base64 signature ' +
@@ -230,7 +235,14 @@ export const ROUTE_DOCS: Record<string, Json> = {
     },
   },
   'GET /api/v1/deployments': {
-    tags: ['deployments'], summary: 'List deployments and rollbacks, newest first', security: BEARER, querystring: limitQuery(50, 1000),
+    tags: ['deployments'], summary: 'List deployments and rollbacks, newest first', security: BEARER,
+    querystring: {
+      type: 'object',
+      properties: {
+        ...limitQuery(50, 1000).properties,
+        running: { enum: ['true', 'false'], description: 'Only those not finished yet (true), or only finished ones (false).' },
+      },
+    },
     response: { 200: arrayOf('Deployments.', schemas.deploymentView), 400: error('A bad limit.'), ...common },
   },
   'GET /api/v1/deployments/:id': {
@@ -257,7 +269,7 @@ const TAGS = [
   { name: 'rollback', description: 'Bundle history and rollback.' },
   { name: 'bundles', description: 'Upload, catalogue, download.' },
   { name: 'deployments', description: 'Deploy bundles and follow their progress; device result reports.' },
-  { name: 'health', description: 'Liveness.' },
+  { name: 'health', description: 'Liveness, and the fleet at a glance.' },
 ];
 
 export async function registerOpenApi(app: FastifyInstance, options: { ui: boolean }): Promise<void> {

@@ -28,11 +28,12 @@ import deploymentView from './deployment-view.schema.json' with { type: 'json' }
 import registerResponse from './register-response.schema.json' with { type: 'json' };
 import resultResponse from './result-response.schema.json' with { type: 'json' };
 import tokenRequest from './token-request.schema.json' with { type: 'json' };
+import fleetSummary from './fleet-summary.schema.json' with { type: 'json' };
 import type {
   BundleManifest, Heartbeat, Command, CommandResult, DeviceConfigMessage, DeviceStatusMessage,
   FleetEvent, RegisterRequest, DeploymentRequest, RollbackRequest, ResultRequest, ConfigUpdate,
   HeartbeatResponse, BundleHistoryEntry, DeviceConfigView, RollbackResponse, ApiErrorBody, DeviceView, BundleView,
-  DeploymentView, RegisterResponse, ResultResponse, TokenRequest,
+  DeploymentView, RegisterResponse, ResultResponse, TokenRequest, FleetSummary,
 } from './types.js';
 
 export type * from './types.js';
@@ -76,7 +77,7 @@ function createAjv(coerceTypes: boolean, registered: object[]): Ajv2020 {
 const strict = createAjv(false, [
   manifest, heartbeat, command, result, deviceConfig, deviceStatus, fleetEvent, registerRequest, deploymentRequest,
   rollbackRequest, resultRequest, heartbeatResponse, bundleHistoryEntry, deviceConfigView, rollbackResponse, apiError,
-  deviceView, bundleView, deploymentView, registerResponse, resultResponse, tokenRequest,
+  deviceView, bundleView, deploymentView, registerResponse, resultResponse, tokenRequest, fleetSummary,
 ]);
 // Only the config update accepts "120" for 120, as the earlier system sent it.
 const coercing = createAjv(true, [configUpdate]);
@@ -142,6 +143,7 @@ export const validate = {
   registerResponse: compile<RegisterResponse>(strict, registerResponse),
   resultResponse: compile<ResultResponse>(strict, resultResponse),
   tokenRequest: compile<TokenRequest>(strict, tokenRequest),
+  fleetSummary: compile<FleetSummary>(strict, fleetSummary),
 };
 
 /** Compiles every validator now (a server does, so its first messages do not pay for it). */
@@ -165,5 +167,5 @@ export const schemas = {
   common, manifest, heartbeat, command, result, deviceConfig, deviceStatus, fleetEvent,
   registerRequest, deploymentRequest, rollbackRequest, resultRequest, configUpdate,
   heartbeatResponse, bundleHistoryEntry, deviceConfigView, rollbackResponse, apiError, deviceView, bundleView,
-  deploymentView, registerResponse, resultResponse, tokenRequest,
+  deploymentView, registerResponse, resultResponse, tokenRequest, fleetSummary,
 };

@@ -319,6 +319,28 @@ export interface FleetEvent {
 }
 
 /**
+ * GET /api/v1/summary: the fleet at a glance, counted on the controller.
+ */
+
+export interface FleetSummary {
+  /**
+   * Registered devices by presence, as GET /api/v1/devices shows them.
+   */
+  devices: {
+    total: number;
+    online: number;
+    offline: number;
+    error: number;
+  };
+  deployments: {
+    /**
+     * Deployments and rollbacks not finished yet.
+     */
+    running: number;
+  };
+}
+
+/**
  * One command on kernex/devices/{id}/commands (controller to device, QoS 1).
  */
 

@@ -220,6 +220,47 @@ describe('deployments', () => {
   });
 });
 
+describe('fleet summary and filtered lists', () => {
+  test('GET /summary counts devices as the list shows them, and running deployments', async () => {
+    const ids = ['sum-1', 'sum-2', 'sum-3'];
+    const tokens = await Promise.all(ids.map(async (id) => (await register(id)).body.token as string));
+    // Two of them heartbeat over HTTP: online; the third never did: offline.
+    for (const i of [0, 1]) expect((await tc.api.withToken(tokens[i]!).post(`/devices/${ids[i]}/heartbeat`, {})).status).toBe(200);
+    await tc.api.upload(await packBundle(scriptBundle('8.5.0', '/dev/null')));
+    const pending = await tc.api.post('/deployments', { bundle_version: '8.5.0', target_device_ids: ['sum-3'] });
+    expect(pending.status).toBe(201);
+
+    const all = (await tc.api.get('/devices')).body as Array<{ device_id: string; status: string }>;
+    const by = (status: string) => all.filter((d) => d.status === status).map((d) => d.device_id);
+    const summary = await tc.api.get('/summary');
+    expect(summary.status).toBe(200);
+    expect(summary.body).toEqual({
+      devices: { total: all.length, online: by('online').length, offline: by('offline').length, error: by('error').length },
+      deployments: { running: expect.any(Number) },
+    });
+    expect(by('online')).toEqual(expect.arrayContaining(['sum-1', 'sum-2']));
+    expect(by('offline')).toContain('sum-3');
+
+    // A status filter pages through the devices that match, not through all of them.
+    const online = by('online');
+    expect(online.length).toBeGreaterThanOrEqual(2);
+    expect((await tc.api.get('/devices?status=online&limit=1')).body.map((d: { device_id: string }) => d.device_id)).toEqual(online.slice(0, 1));
+    expect((await tc.api.get('/devices?status=online&skip=1&limit=1')).body.map((d: { device_id: string }) => d.device_id)).toEqual(online.slice(1, 2));
+
+    const running = (await tc.api.get('/deployments?running=true&limit=1000')).body as Array<{ deployment_id: string; finished_at: string | null }>;
+    expect(running.map((d) => d.deployment_id)).toContain(pending.body.deployment_id);
+    expect(running.every((d) => d.finished_at === null)).toBe(true);
+    expect(summary.body.deployments.running).toBe(running.length);
+    const finished = (await tc.api.get('/deployments?running=false&limit=1000')).body as Array<{ finished_at: string | null }>;
+    expect(finished.length).toBeGreaterThan(0);
+    expect(finished.every((d) => d.finished_at !== null)).toBe(true);
+    expect(await tc.api.get('/deployments?running=maybe')).toMatchObject({ status: 400, body: { error: 'invalid_request', message: 'running must be one of true, false' } });
+
+    // A device may not read the fleet summary.
+    expect((await tc.api.withToken(tokens[0]!).get('/summary')).status).toBe(403);
+  });
+});
+
 describe('restart', () => {
   test('a restarted controller finds devices, bundles, deployments and history again', async () => {
     const before = await storedState();

@@ -3,7 +3,8 @@ import type { CommandModule } from 'yargs';
 import { run } from './command.js';
 import type { GlobalArgs } from './context.js';
 import { formatAge } from './output.js';
-import { DEVICE_STATUSES, type Deployment, type Device } from './types.js';
+import type { FleetSummary } from '../../schemas/index.js';
+import { DEVICE_STATUSES, type Deployment } from './types.js';
 
 export const statusCommand: CommandModule<GlobalArgs, GlobalArgs> = {
   command: 'status',
@@ -12,14 +13,11 @@ export const statusCommand: CommandModule<GlobalArgs, GlobalArgs> = {
   handler: run(async (ctx) => {
     const { out } = ctx;
     const health = await ctx.health();
-    const [devices, deployments] = await Promise.all([
-      ctx.api.get<Device[]>('/devices'),
-      ctx.api.get<Deployment[]>('/deployments', { query: { limit: 200 } }),
+    const [summary, running] = await Promise.all([
+      ctx.api.get<FleetSummary>('/summary'),
+      ctx.api.get<Deployment[]>('/deployments', { query: { running: 'true', limit: 1000 } }),
     ]);
-    const counts: Record<string, number> = { total: devices.length };
-    for (const s of DEVICE_STATUSES) counts[s] = 0;
-    for (const d of devices) counts[d.status] = (counts[d.status] ?? 0) + 1;
-    const running = deployments.filter((d) => !d.finished_at);
+    const counts: Record<string, number> = summary.devices;
     out.json({
       server: ctx.creds.server, reachable: true, version: health.version, mqtt_url: health.mqtt_url ?? null,
       devices: counts, running_deployments: running,
@@ -29,7 +27,7 @@ export const statusCommand: CommandModule<GlobalArgs, GlobalArgs> = {
       ['Controller', `${ctx.creds.server}  ${out.style('reachable', 'green')}  (Kernex ${health.version})`],
       ['MQTT', health.mqtt_url ?? '-'],
       ['Devices', `${counts.total} total: ${DEVICE_STATUSES.map((s) => out.style(`${counts[s]} ${s}`, counts[s] ? out.statusStyle(s) : undefined)).join(', ')}`],
-      ['Deployments', running.length ? `${running.length} running` : 'none running'],
+      ['Deployments', summary.deployments.running ? `${summary.deployments.running} running` : 'none running'],
     ]);
     if (running.length) {
       out.line();

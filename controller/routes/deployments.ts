@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import { validate } from '../../schemas/index.js';
 import type { Guard, HttpOptions } from '../http.js';
 import { badRequest, forbidden, notFound } from '../errors.js';
-import { idParam, intQuery } from './params.js';
+import { enumQuery, idParam, intQuery } from './params.js';
 
 export async function deploymentRoutes(api: FastifyInstance, opts: HttpOptions & { guard: Guard }): Promise<void> {
   const { deployments } = opts.services;
@@ -18,9 +18,10 @@ export async function deploymentRoutes(api: FastifyInstance, opts: HttpOptions &
     return reply.code(201).send(await deployments.get(dep._id));
   });
 
-  api.get('/deployments', { preHandler: guard('viewer') }, async (req) =>
-    deployments.list(intQuery(req.query, 'limit', 50, 1, 1000)),
-  );
+  api.get('/deployments', { preHandler: guard('viewer') }, async (req) => {
+    const running = enumQuery(req.query, 'running', ['true', 'false'] as const);
+    return deployments.list(intQuery(req.query, 'limit', 50, 1, 1000), { running: running === undefined ? undefined : running === 'true' });
+  });
 
   api.get('/deployments/:id', { preHandler: guard('viewer') }, async (req) => deployments.get(idParam(req.params)));
 

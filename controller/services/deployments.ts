@@ -379,9 +379,15 @@ export class DeploymentService {
     });
   }
 
-  async list(limit = 50): Promise<Record<string, unknown>[]> {
-    const docs = await this.repos.deployments.find({}, { sort: { created_at: -1 }, limit });
+  async list(limit = 50, filter: { running?: boolean } = {}): Promise<Record<string, unknown>[]> {
+    const query = filter.running === undefined ? {} : filter.running ? { finished_at: null } : { finished_at: { $ne: null } };
+    const docs = await this.repos.deployments.find(query, { sort: { created_at: -1 }, limit });
     return docs.map((d) => this.view(d));
+  }
+
+  /** Deployments and rollbacks not finished yet. */
+  running(): Promise<number> {
+    return this.repos.deployments.count({ finished_at: null });
   }
 
   async get(id: string): Promise<Record<string, unknown>> {

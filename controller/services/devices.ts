@@ -457,9 +457,23 @@ export class DeviceService {
   }
 
   async list(filter: { status?: DeviceStatus; limit?: number; skip?: number } = {}): Promise<Record<string, unknown>[]> {
-    const docs = await this.repos.devices.find({}, { sort: { device_id: 1 }, limit: filter.limit, skip: filter.skip });
-    const views = docs.map((d) => this.view(d));
-    return filter.status ? views.filter((v) => v.status === filter.status) : views;
+    const { status, limit, skip = 0 } = filter;
+    if (!status) return (await this.repos.devices.find({}, { sort: { device_id: 1 }, limit, skip })).map((d) => this.view(d));
+    // Presence is the stored one overlaid with what this instance knows now, so
+    // the filter applies to the views, and the page is taken from what passes it.
+    const matching = (await this.repos.devices.find({}, { sort: { device_id: 1 } }))
+      .map((d) => this.view(d)).filter((v) => v.status === status);
+    return matching.slice(skip, limit === undefined ? undefined : skip + limit);
+  }
+
+  /** Devices by presence, counted as list() shows them. */
+  async countByStatus(): Promise<Record<DeviceStatus | 'total', number>> {
+    const counts = { total: 0, online: 0, offline: 0, error: 0 };
+    for (const doc of await this.repos.devices.find({})) {
+      counts.total++;
+      counts[this.view(doc).status as DeviceStatus]++;
+    }
+    return counts;
   }
 
   async get(deviceId: string): Promise<Record<string, unknown>> {
