@@ -64,8 +64,9 @@ describe('tokens and revocation', () => {
   test('revoking a device: its token stops working over REST and MQTT and its connection closes at once', async () => {
     const reg = await registerDevice(tc.api, 'doomed', tc.creds.enrollment_token);
     const client = await mqttConnect(tc.controller.mqttUrl, { clientId: 'doomed', username: 'doomed', password: reg.body.token });
-    // A login first, so the credential is in the broker's cache when it is revoked.
+    // A login and a REST call first, so the credential is in both caches when it is revoked.
     await client.publishAsync('kernex/devices/doomed/heartbeat', JSON.stringify({ status: 'online' }), { qos: 1 });
+    expect((await tc.api.withToken(reg.body.token).get('/devices/doomed')).status).toBe(200);
     const closed = whenClosed(client);
     const res = await tc.api.withToken((await tc.controller.services.tokens.create('operator', 'on call')).token)
       .post('/devices/doomed/revoke');

@@ -78,6 +78,8 @@ export class DeviceService {
    * names evicts entries, it cannot grow the map.
    */
   private tokenHashes: LRUCache<string, string>;
+  /** Token hash → device id, for bearer tokens on REST (HTTP-polling devices authenticate on every request). */
+  private deviceByTokenHash: LRUCache<string, string>;
   /** MQTT connections held by this instance: the generation each claimed (a promise until the store answered). */
   private sessions = new Map<string, Session>();
   /** Connections that ended: their "offline" is written, conditionally, at the next flush. */
@@ -97,6 +99,7 @@ export class DeviceService {
     // Unknown names are cached briefly only, so a device registered on another
     // controller instance can log in here soon after.
     this.tokenHashes = new LRUCache({ max: options.credentialCacheSize ?? 50_000, ttl: 10 * 60_000 });
+    this.deviceByTokenHash = new LRUCache({ max: options.credentialCacheSize ?? 50_000, ttl: 10 * 60_000 });
   }
 
   /**
@@ -141,7 +144,7 @@ export class DeviceService {
         { $set: { token_hash: hashToken(token), proof_at: proofAt ?? existing.proof_at ?? null, updated_at: now() } },
       );
       if (res.matched === 0) throw conflict(`device ${req.device_id} changed during registration; retry`);
-      this.tokenHashes.delete(req.device_id);
+      this.forget(req.device_id);
       return { created: false, device: { ...existing, token_hash: hashToken(token) }, token };
     }
     const proofAt = verifyRegistrationProof(req, key, null, proofOptions);
@@ -193,6 +196,8 @@ export class DeviceService {
   /** Drops what is cached about a device's credentials (after revocation, here or on another instance). */
   forget(deviceId: string): void {
     this.tokenHashes.delete(deviceId);
+    // Rare (revocation, re-registration): a scan of the cache is fine.
+    for (const [hash, id] of this.deviceByTokenHash.entries()) if (id === deviceId) this.deviceByTokenHash.delete(hash);
   }
 
   /** True when `token` is the current token of a registered, unrevoked device. */
@@ -212,8 +217,12 @@ export class DeviceService {
   async byToken(token: string): Promise<string | null> {
     if (!token.startsWith('kxd_')) return null;
     const hash = hashToken(token);
+    const cached = this.deviceByTokenHash.get(hash);
+    if (cached !== undefined) return cached;
     const doc = await this.repos.devices.findOne({ token_hash: hash });
-    return doc && !doc.revoked_at ? doc.device_id : null;
+    if (!doc || doc.revoked_at) return null;
+    this.deviceByTokenHash.set(hash, doc.device_id);
+    return doc.device_id;
   }
 
   async exists(deviceId: string): Promise<boolean> {
