@@ -97,7 +97,10 @@ test('a redelivered deploy command is answered from the agent\'s record, not run
   const before = logged('duplicate result ignored').length;
   const seen = (what: string) => a.output().split(what).length - 1;
   await tc.controller.broker.publish(topics.commands('dup'), command);
-  await waitFor(() => seen('duplicate command answered from record') >= 1, 'the redelivery answered from record');
+  await waitFor(() => seen('duplicate command answered from record') >= 1, 'the redelivery answered from record')
+    .catch((err: Error) => {
+      throw new Error(`${err.message}\nagent output:\n${a.output().slice(-6000)}`);
+    });
   // The re-sent outcome reaches the controller and changes nothing.
   await waitFor(() => logged('duplicate result ignored').length >= before + 1, 'the re-sent outcome to be seen');
   // Again: answered from the record, or (while that answer is still awaiting
