@@ -84,6 +84,25 @@ describe('tokens and revocation', () => {
     expect((await tc.api.post('/devices/doomed/revoke')).status).toBe(200);
   });
 
+  test('registering again replaces the token: a connection made with the old one is closed, the old one refused', async () => {
+    const key = deviceKey();
+    const first = await registerDevice(tc.api, 'rekeyed', tc.creds.enrollment_token, key);
+    const client = await mqttConnect(tc.controller.mqttUrl, { clientId: 'rekeyed', username: 'rekeyed', password: first.body.token });
+    await client.publishAsync('kernex/devices/rekeyed/heartbeat', JSON.stringify({ status: 'online' }), { qos: 1 });
+    const closed = whenClosed(client);
+    const again = await registerDevice(tc.api, 'rekeyed', tc.creds.enrollment_token, key);
+    expect(again.status).toBe(200);
+    await closed;
+    client.end(true);
+    await expect(mqttConnect(tc.controller.mqttUrl, { clientId: 'rekeyed', username: 'rekeyed', password: first.body.token }))
+      .rejects.toMatchObject({ code: 4 });
+    const fresh = await mqttConnect(tc.controller.mqttUrl, { clientId: 'rekeyed', username: 'rekeyed', password: again.body.token });
+    await waitFor(() => tc.controller.broker.isDeviceConnected('rekeyed'), 'the new token\'s connection');
+    await fresh.endAsync();
+    // Still enrolled: not revoked, just a new token.
+    expect((await tc.api.get('/devices/rekeyed')).body.revoked_at ?? null).toBeNull();
+  });
+
   test('revoking an integrator token closes its MQTT connections', async () => {
     const created = await tc.api.post('/tokens', { role: 'integrator', name: 'dashboard' });
     const client = await mqttConnect(tc.controller.mqttUrl, { clientId: 'dash-1', username: 'dash', password: created.body.token });

@@ -12,6 +12,7 @@ export async function deviceRoutes(api: FastifyInstance, opts: HttpOptions & { g
   api.post('/devices/register', async (req, reply) => {
     const body = validate.registerRequest.parse(req.body);
     const { created, device, token } = await devices.register(body);
+    if (!created) await opts.services.access.deviceTokenReplaced(device.device_id);
     const mqttUrl = opts.deviceMqttUrl(req.hostname.replace(/:\d+$/, ''));
     return reply.code(created ? 201 : 200).send({
       device_id: device.device_id, token, mqtt_url: mqttUrl, status: 'registered', created,

@@ -63,6 +63,15 @@ export class AccessService {
     return { device_id: deviceId, revoked: true, revoked_at: String(view.revoked_at) };
   }
 
+  /**
+   * A device registered again and got a fresh token: the old one stops working
+   * everywhere, as after a revocation (caches dropped, connections made with it
+   * closed on every instance), but the device itself stays enrolled.
+   */
+  async deviceTokenReplaced(deviceId: string): Promise<void> {
+    await this.announceSafely({ kind: 'device', id: deviceId });
+  }
+
   /** Applies a revocation announced by any instance to this one's caches. */
   applyRevocation(revocation: Revocation): void {
     if (revocation.kind === 'device') this.devices.forget(revocation.id);
