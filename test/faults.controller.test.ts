@@ -151,8 +151,9 @@ async function sigkillMidDeployment(env: Record<string, string>) {
   for (const s of sim.values()) expect(s.executions.get(id)).toBe(1);
   // Devices that had finished before the kill were not told again; the offline ones got it once.
   for (const s of early) expect(sim.get(s)!.received).toEqual([id]);
-  // Delivery is at least once (a returning device may get the resend on connect and on
-  // subscribe); each still ran it once, as the single history entry per device shows.
+  // Delivery is at least once (with a session kept in Redis, the broker's queue and the
+  // controller's resend on subscribe both deliver it); each still ran it once, as the
+  // single history entry per device shows.
   for (const s of offline) expect([...new Set(sim.get(s)!.received)]).toEqual([id]);
   for (const a of real.slice(0, 3)) expect(a.output()).not.toContain('duplicate command answered from record');
 }

@@ -31,8 +31,11 @@ export function createBrokerHooks(deps: {
   access: AccessService;
   logger: Logger;
   counters: MessageCounters;
+  /** How long after connecting a device may take to subscribe before its pending commands are re-sent anyway. */
+  resubscribeGraceMs?: number;
 }): ControllerBrokerHooks {
   const { devices, deployments, tokens, access, logger, counters } = deps;
+  const resubscribeGraceMs = deps.resubscribeGraceMs ?? 500;
   const inFlight = new Set<Promise<unknown>>();
   const track = <T>(work: Promise<T>): Promise<T> => {
     inFlight.add(work);
@@ -54,6 +57,16 @@ export function createBrokerHooks(deps: {
     void deployments.resendPending(deviceId).catch((err: Error) =>
       logger.warn({ deviceId, err: err.message }, 'could not re-send pending commands'),
     );
+  // A device that subscribes to its commands on connecting (the agent always
+  // does) gets what is pending then; one that relies on the session the broker
+  // kept gets it once this grace has passed without a subscribe. Re-sending on
+  // both sent every pending command twice per connect, and in a reconnect storm
+  // doubled the store queries.
+  const awaitingSubscribe = new Map<string, NodeJS.Timeout>();
+  const cancelAwaiting = (deviceId: string) => {
+    clearTimeout(awaitingSubscribe.get(deviceId));
+    awaitingSubscribe.delete(deviceId);
+  };
 
   return {
     async authenticate(clientId, username, password): Promise<Principal | null> {
@@ -102,21 +115,30 @@ export function createBrokerHooks(deps: {
     },
 
     async drain() {
+      for (const deviceId of [...awaitingSubscribe.keys()]) cancelAwaiting(deviceId);
       while (inFlight.size) await Promise.allSettled([...inFlight]);
     },
 
     clientReady(principal) {
       if (principal.kind !== 'device') return;
-      void devices.connected(principal.deviceId);
-      // A device whose session the broker kept (always, with Redis) does not
+      const { deviceId } = principal;
+      void devices.connected(deviceId);
+      // A device whose session the broker kept (always, with Redis) may not
       // subscribe again, so `subscribed` below would never re-send; its
       // subscriptions are restored by now, so what is pending can go out.
-      // A duplicate is harmless: the agent answers it from its record.
-      resend(principal.deviceId);
+      cancelAwaiting(deviceId);
+      const timer = setTimeout(() => {
+        awaitingSubscribe.delete(deviceId);
+        resend(deviceId);
+      }, resubscribeGraceMs);
+      timer.unref();
+      awaitingSubscribe.set(deviceId, timer);
     },
 
     clientGone(principal) {
-      if (principal.kind === 'device') devices.disconnected(principal.deviceId);
+      if (principal.kind !== 'device') return;
+      cancelAwaiting(principal.deviceId);
+      devices.disconnected(principal.deviceId);
     },
 
     revoked(revocation) {
@@ -125,6 +147,7 @@ export function createBrokerHooks(deps: {
 
     subscribed(principal, topic) {
       if (principal.kind !== 'device' || topic !== topics.commands(principal.deviceId)) return;
+      cancelAwaiting(principal.deviceId);
       resend(principal.deviceId);
     },
   };
