@@ -10,7 +10,7 @@ import type { AgentConfig } from './config.js';
 import { StateFile } from './state.js';
 import { loadIdentity, registrationProof } from './identity.js';
 import { CommandExecutor } from './executor.js';
-import { HttpFallback } from './http.js';
+import { HttpFallback, HttpStatusError } from './http.js';
 import { createFetch } from './fetch.js';
 import { loadTrustedKeys, type TrustedKey } from './bundle/index.js';
 import { pauseHook, PAUSE_ENV } from './pause.js';
@@ -114,6 +114,27 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   let markReady!: () => void;
   const ready = new Promise<void>((r) => (markReady = r));
 
+  /**
+   * The controller refused this device's token (its store was reset, or the
+   * device was registered again elsewhere): register again with the same key,
+   * once per run, so two copies of one identity cannot take the token from
+   * each other forever. A revoked device is refused and stays refused.
+   */
+  const reenrollOnce = async (): Promise<boolean> => {
+    if (reenrolled || !config.enrollmentToken || stopped) return false;
+    reenrolled = true;
+    logger.warn({ deviceId: config.deviceId }, 'the controller refused this device\'s token; registering again');
+    try {
+      await enroll(config, state, logger, httpFetch);
+      // A client still reconnecting (the HTTP fallback found out first) must use the new token.
+      if (client) client.options.password = state.state.token ?? '';
+      return true;
+    } catch (err) {
+      logger.error({ err: (err as Error).message }, 're-enrollment failed');
+      return false;
+    }
+  };
+
   const interval = () => state.state.polling_interval ?? config.pollingInterval;
   const httpTimeoutMs = () => (state.state.heartbeat_timeout ?? DEFAULT_HEARTBEAT_TIMEOUT_S) * 1000;
   const mqttUp = () => client?.connected === true;
@@ -161,6 +182,8 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       await executor.resendUnreported();
     } catch (err) {
       logger.warn({ err: (err as Error).message }, 'HTTP heartbeat failed');
+      // The next heartbeat goes out with the fresh token.
+      if (err instanceof HttpStatusError && err.status === 401) await reenrollOnce();
     } finally {
       httpBusy = false;
     }
@@ -238,12 +261,9 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
     });
     c.on('error', (err: Error & { code?: number }) => {
       logger.warn({ err: err.message }, 'mqtt error');
-      // Not authorized: the controller no longer knows this token; enroll again once.
+      // Not authorized: the controller no longer knows this token.
       if ((err.code === 4 || err.code === 5) && !reenrolled && config.enrollmentToken && !stopped) {
-        reenrolled = true;
-        c.end(true, () => {
-          enroll(config, state, logger, httpFetch).then(connect, (e: Error) => logger.error({ err: e.message }, 're-enrollment failed'));
-        });
+        c.end(true, () => void reenrollOnce().then((ok) => ok && connect()));
       }
     });
     c.on('message', (t, payload) => {
