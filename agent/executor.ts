@@ -308,6 +308,7 @@ export class CommandExecutor {
       bundleDir: root, script: step.script, timeoutSeconds: timeout, signal: this.kill.signal,
       env: {
         KERNEX_DEPLOYMENT_ID: command.deployment_id, KERNEX_BUNDLE_VERSION: command.bundle_version, KERNEX_COMMAND: command.type,
+        KERNEX_METADATA_JSON: JSON.stringify(this.deps.state.state.metadata_json ?? null),
         [RUN_ID_ENV]: runId,
       },
       onSpawn: async (pid) => {

@@ -215,6 +215,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
       if (cfg.heartbeat_timeout) s.heartbeat_timeout = cfg.heartbeat_timeout;
       if (cfg.deploy_timeout) s.deploy_timeout = cfg.deploy_timeout;
       if (cfg.log_level) s.log_level = cfg.log_level;
+      if (cfg.metadata_json !== undefined) s.metadata_json = cfg.metadata_json;
     });
     if (cfg.log_level) logger.level = LOG_LEVELS[cfg.log_level] ?? logger.level;
     logger.info({ version: cfg.config_version, polling_interval: interval() }, 'configuration applied');

@@ -41,6 +41,8 @@ export interface AgentState {
   heartbeat_timeout?: number | null;
   deploy_timeout: number | null;
   log_level: string | null;
+  /** The configuration's metadata_json, given to scripts as KERNEX_METADATA_JSON (absent in older state files). */
+  metadata_json?: Record<string, unknown> | null;
   /** Successful deploys, newest last: which bundle dirs to keep for rollback. */
   deployed_versions: Array<{ version: string; sha256: string; bundle_id: string }>;
   handled: Record<string, HandledCommand>;

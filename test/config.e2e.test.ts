@@ -233,6 +233,22 @@ const withMosquitto = hasProgram('mosquitto_sub');
     expect(after.filter((l) => /"level":(10|20|30)\b/.test(l))).toEqual([]);
   });
 
+  test('metadata_json reaches the device\'s scripts as KERNEX_METADATA_JSON', async () => {
+    const a = await agent('cfg-meta');
+    const metadata = { site: 'dc-2', rack: { row: 3 }, note: 'quotes " and spaces' };
+    expect((await put('cfg-meta', { metadata_json: metadata })).version).toBe(2);
+    await waitFor(async () => (await tc.api.get('/devices/cfg-meta')).body.config_applied === true, 'version 2 applied');
+    const seen = join(a.dataDir, 'metadata-seen.json');
+    const bundle = await packBundle({
+      manifest: { version: '1.0.0-meta', deploy: { script: 'deploy.sh' } },
+      files: { 'deploy.sh': `#!/bin/sh\nprintf '%s' "$KERNEX_METADATA_JSON" > "${seen}"\n` },
+    });
+    expect((await tc.api.upload(bundle)).status).toBe(201);
+    const created = await tc.api.post('/deployments', { bundle_version: '1.0.0-meta', target_device_ids: ['cfg-meta'] });
+    await waitFor(async () => (await tc.api.get(`/deployments/${created.body.deployment_id}`)).body.status === 'success', 'the deploy');
+    expect(JSON.parse(await readFile(seen, 'utf8'))).toEqual(metadata);
+  });
+
   test('the retained config message holds the latest version for any subscriber', async () => {
     const sub = mosquittoSub(tc.controller.mqttPort, tc.creds.token, ['kernex/devices/cfg-rest/config']);
     try {
