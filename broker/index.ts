@@ -4,7 +4,7 @@ import { Aedes, type AuthenticateError, type Client } from 'aedes';
 import type { IncomingMessage, Server as HttpServer } from 'node:http';
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { createServer as createTlsServer, type TlsOptions } from 'node:tls';
+import { createServer as createTlsServer, type Server as TlsServer, type TlsOptions } from 'node:tls';
 import type { Logger } from 'pino';
 import { WebSocketServer, createWebSocketStream } from 'ws';
 import { canPublish, canSubscribe, type Principal } from './acl.js';
@@ -82,6 +82,8 @@ export interface Broker {
   listenTcp(port: number, host?: string): Promise<AddressInfo>;
   /** MQTT over TLS (8883 by convention). */
   listenTls(port: number, host: string | undefined, tls: TlsOptions): Promise<AddressInfo>;
+  /** Certificate and key for new TLS connections (rotation); open ones keep theirs. Throws if they do not fit together. */
+  setTlsContext(tls: TlsOptions): void;
   /** MQTT over WebSocket on an existing HTTP(S) server, at `path` (e.g. /mqtt). */
   attachWebSocket(server: HttpServer, path: string): void;
   /**
@@ -128,6 +130,7 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
   const limits: BrokerLimits = { ...DEFAULT_BROKER_LIMITS, ...options.limits };
   const gate = new ConnectionGate(limits);
   const servers: Array<Server | WebSocketServer> = [];
+  const tlsServers: TlsServer[] = [];
   const heartbeatMs = options.heartbeatIntervalMs ?? 60_000;
 
   const aedes = await Aedes.createBroker({
@@ -292,9 +295,13 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     },
     listenTls(port, host, tls) {
       const server = createTlsServer(tls, (socket) => accept(socket));
+      tlsServers.push(server);
       // A client that fails the handshake (wrong CA, plain TCP) never reaches Aedes.
       server.on('tlsClientError', (err) => logger.debug({ err: err.message }, 'mqtt tls handshake failed'));
       return listen(server, port, host);
+    },
+    setTlsContext(tls) {
+      for (const server of tlsServers) server.setSecureContext(tls);
     },
     attachWebSocket(server, path) {
       // maxPayload bounds what ws buffers for one frame, as the scanner bounds MQTT packets.

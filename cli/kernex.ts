@@ -84,6 +84,16 @@ await yargs(hideBin(process.argv))
           `admin and enrollment tokens are in ${controller.credentialsFile}`,
       );
       untilSignal(() => controller.stop(), logger);
+      // Certificate rotation without a restart, as for nginx or mosquitto.
+      if (config.tls) {
+        process.on('SIGHUP', () => {
+          try {
+            controller.reloadTls();
+          } catch (err) {
+            logger.error({ err: (err as Error).message }, 'TLS certificate not reloaded; the previous one stays in use');
+          }
+        });
+      }
     },
   )
   .command(

@@ -16,7 +16,10 @@ export interface TlsSettings {
   key: string;
   /** Intermediate/CA certificates sent along with the certificate. */
   ca?: string;
+  /** Where they were read from: read again on SIGHUP (certificate rotation). */
   certFile: string;
+  keyFile: string;
+  caFile?: string;
 }
 
 export interface ControllerConfig {
@@ -169,18 +172,24 @@ function pemFile(name: string, file: string, kind: RegExp): string {
   return text;
 }
 
+/** Reads (or reads again) the certificate, key and optional CA files; throws ConfigError naming what is wrong. */
+export function readTlsFiles(files: { certFile: string; keyFile: string; caFile?: string }): TlsSettings {
+  const { certFile, keyFile, caFile } = files;
+  return {
+    cert: pemFile('KERNEX_TLS_CERT', certFile, /-----BEGIN CERTIFICATE-----/),
+    key: pemFile('KERNEX_TLS_KEY', keyFile, /-----BEGIN [A-Z ]*PRIVATE KEY-----/),
+    ca: caFile ? pemFile('KERNEX_TLS_CA', caFile, /-----BEGIN CERTIFICATE-----/) : undefined,
+    certFile, keyFile, caFile,
+  };
+}
+
 function tlsFromEnv(flags: ControllerFlags, env: NodeJS.ProcessEnv): TlsSettings | undefined {
   if (flags.tls) return flags.tls;
   const certFile = env.KERNEX_TLS_CERT;
   const keyFile = env.KERNEX_TLS_KEY;
   if (!certFile && !keyFile) return undefined;
   if (!certFile || !keyFile) throw new ConfigError('TLS needs both KERNEX_TLS_CERT and KERNEX_TLS_KEY (PEM files)');
-  return {
-    cert: pemFile('KERNEX_TLS_CERT', certFile, /-----BEGIN CERTIFICATE-----/),
-    key: pemFile('KERNEX_TLS_KEY', keyFile, /-----BEGIN [A-Z ]*PRIVATE KEY-----/),
-    ca: env.KERNEX_TLS_CA ? pemFile('KERNEX_TLS_CA', env.KERNEX_TLS_CA, /-----BEGIN CERTIFICATE-----/) : undefined,
-    certFile,
-  };
+  return readTlsFiles({ certFile, keyFile, caFile: env.KERNEX_TLS_CA || undefined });
 }
 
 function wsPath(raw: string | null | undefined): string | null {

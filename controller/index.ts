@@ -2,6 +2,7 @@
 // REST API, started and stopped as one.
 import { randomUUID } from 'node:crypto';
 import { mkdir } from 'node:fs/promises';
+import { createSecureContext, type Server as TlsServer } from 'node:tls';
 import type { Logger } from 'pino';
 import type { FastifyInstance } from 'fastify';
 import { createBroker, type Broker } from '../broker/index.js';
@@ -13,7 +14,7 @@ import { createFleetPublisher } from './mqtt/publisher.js';
 import { createBrokerHooks, type MessageCounters } from './mqtt/handlers.js';
 import { createHttpApp } from './http.js';
 import { compileAll } from '../schemas/index.js';
-import { scaleOutWarnings, type ControllerConfig, type S3Settings } from './config.js';
+import { ConfigError, readTlsFiles, scaleOutWarnings, type ControllerConfig, type S3Settings, type TlsSettings } from './config.js';
 
 export { loadControllerConfig, ConfigError, CONTROLLER_ENV, scaleOutWarnings, type ControllerConfig, type ControllerFlags } from './config.js';
 export { VERSION } from './version.js';
@@ -33,7 +34,18 @@ export interface Controller {
   readonly services: Services;
   readonly broker: Broker;
   readonly counters: MessageCounters;
+  /**
+   * Reads the TLS certificate, key and CA files again and serves them to new
+   * HTTPS, MQTTS and WSS connections (SIGHUP on `kernex server`). On any error
+   * the certificates in use stay, and the error says why.
+   */
+  reloadTls(): void;
   stop(): Promise<void>;
+}
+
+/** Node's TLS options from the settings: the chain is the certificate followed by its CA certificates. */
+function serverTls(t: TlsSettings): { cert: string; key: string } {
+  return { cert: t.ca ? `${t.cert}\n${t.ca}` : t.cert, key: t.key };
 }
 
 const hostFor = (bind: string) => (bind === '0.0.0.0' || bind === '::' ? '127.0.0.1' : bind);
@@ -126,7 +138,7 @@ export async function startController(config: ControllerConfig, logger: Logger, 
 
   let app: FastifyInstance | undefined;
   try {
-    const tls = config.tls ? { cert: config.tls.ca ? `${config.tls.cert}\n${config.tls.ca}` : config.tls.cert, key: config.tls.key } : undefined;
+    const tls = config.tls ? serverTls(config.tls) : undefined;
     const mqttAddress = await broker.listenTcp(config.mqttPort, config.mqttHost);
     const mqttsAddress = tls ? await broker.listenTls(config.mqttsPort, config.mqttHost, tls) : null;
     // What devices are told at registration: TLS when the controller has a certificate.
@@ -151,6 +163,15 @@ export async function startController(config: ControllerConfig, logger: Logger, 
     return {
       config, httpUrl, mqttUrl, httpPort, mqttPort: mqttAddress.port, credentialsFile: file, services, broker, counters,
       mqttsPort: mqttsAddress?.port ?? null, mqttsUrl, wsUrl,
+      reloadTls() {
+        if (!config.tls) throw new ConfigError('TLS is not configured (KERNEX_TLS_CERT, KERNEX_TLS_KEY): nothing to reload');
+        const next = serverTls(readTlsFiles(config.tls));
+        // Both checked before either is changed: a key that does not fit throws here.
+        createSecureContext(next);
+        (httpApp.server as unknown as TlsServer).setSecureContext(next);
+        broker.setTlsContext(next);
+        logger.info({ certFile: config.tls.certFile }, 'TLS certificate reloaded');
+      },
       // Stop taking work, finish what is under way, flush, then close: HTTP
       // requests in progress complete (the broker is still up for the commands
       // they publish); then no more MQTT connections or messages, and the

@@ -2,7 +2,8 @@
 // MQTT over WebSocket (wss:// with TLS, ws:// without), and clients that trust
 // the wrong CA refused. Certificates come from the openssl CLI.
 import { execFile } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { Agent, FormData as UndiciFormData, fetch as undiciFetch } from 'undici';
@@ -14,6 +15,7 @@ import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { packBundle, scriptBundle } from './support/bundles.js';
 import { hasProgram } from './support/programs.js';
 import { makeTestCerts, type TestCerts } from './support/tls.js';
+import { startControllerProcess } from './support/controller-process.js';
 
 const run = promisify(execFile);
 const enabled = hasProgram('openssl');
@@ -159,6 +161,73 @@ describe('MQTT over WebSocket without TLS', () => {
         .rejects.toThrow();
     } finally {
       await tc.stop();
+    }
+  });
+});
+
+describeIf('certificate rotation', () => {
+  /** The files a controller was started with, and the CA that signed what they hold now. */
+  async function ownFiles(from: TestCerts) {
+    const dir = await mkdtemp(join(tmpdir(), 'kernex-rotate-'));
+    const files = { cert: join(dir, 'server.pem'), key: join(dir, 'server.key') };
+    await copyFile(from.cert, files.cert);
+    await copyFile(from.key, files.key);
+    return files;
+  }
+  const health = async (base: string, trust: string) =>
+    (await undiciFetch(`${base}/api/v1/health`, { dispatcher: new Agent({ connect: { ca: trust } }) })).status;
+
+  test('reloaded files serve new connections over HTTPS and MQTTS; a key that does not fit changes nothing', async () => {
+    const [first, second] = [await makeTestCerts(), await makeTestCerts()];
+    const [ca1, ca2] = [await readFile(first.ca, 'utf8'), await readFile(second.ca, 'utf8')];
+    const files = await ownFiles(first);
+    const fromEnv = loadControllerConfig({}, { KERNEX_TLS_CERT: files.cert, KERNEX_TLS_KEY: files.key });
+    const tc = await startTestController({ tls: fromEnv.tls, mqttsPort: 0 });
+    try {
+      expect(await health(tc.controller.httpUrl, ca1)).toBe(200);
+      const open = await mqttConnect(tc.controller.mqttsUrl!, { clientId: 'ops-before', username: 'ops', password: tc.creds.token, ca: ca1 });
+
+      await copyFile(second.cert, files.cert);
+      await copyFile(second.key, files.key);
+      tc.controller.reloadTls();
+      expect(await health(tc.controller.httpUrl, ca2)).toBe(200);
+      await expect(health(tc.controller.httpUrl, ca1)).rejects.toThrow();
+      const after = await mqttConnect(tc.controller.mqttsUrl!, { clientId: 'ops-after', username: 'ops', password: tc.creds.token, ca: ca2 });
+      await after.endAsync(true);
+      await expect(mqttConnect(tc.controller.mqttsUrl!, { clientId: 'ops-old', username: 'ops', password: tc.creds.token, ca: ca1 }))
+        .rejects.toThrow(/certificate|self.signed|unable to verify/i);
+      // A connection made before the rotation goes on.
+      expect(await subscribeGranted(open, ['kernex/devices/+/status'])).toEqual([1]);
+      await open.endAsync(true);
+
+      // Half a rotation (a new key, the old certificate): refused, the working pair stays.
+      await copyFile(first.key, files.key);
+      expect(() => tc.controller.reloadTls()).toThrow(/key values mismatch|private key/i);
+      expect(await health(tc.controller.httpUrl, ca2)).toBe(200);
+      // Not PEM at all: refused with the file named.
+      await writeFile(files.cert, 'not a certificate');
+      expect(() => tc.controller.reloadTls()).toThrow(/KERNEX_TLS_CERT: .* is not a PEM file/);
+      expect(await health(tc.controller.httpUrl, ca2)).toBe(200);
+    } finally {
+      await tc.stop();
+    }
+  });
+
+  test('kernex server reloads them on SIGHUP', async () => {
+    const [first, second] = [await makeTestCerts(), await makeTestCerts()];
+    const ca2 = await readFile(second.ca, 'utf8');
+    const files = await ownFiles(first);
+    const server = await startControllerProcess({ env: { KERNEX_TLS_CERT: files.cert, KERNEX_TLS_KEY: files.key } });
+    try {
+      const base = `https://127.0.0.1:${server.httpPort}`;
+      await copyFile(second.cert, files.cert);
+      await copyFile(second.key, files.key);
+      server.child.kill('SIGHUP');
+      await waitFor(() => server.output().includes('TLS certificate reloaded'), 'the reload to be logged');
+      expect(await health(base, ca2)).toBe(200);
+      expect(server.child.exitCode).toBeNull();
+    } finally {
+      await server.kill('SIGTERM');
     }
   });
 });
