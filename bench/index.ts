@@ -23,6 +23,7 @@ const argv = await yargs(hideBin(process.argv))
   .option('only', { type: 'string', describe: `comma-separated scenarios: ${Object.keys(SCENARIOS).join(', ')}` })
   .option('devices', { type: 'number', describe: 'use this many devices in every scenario (smoke runs)' })
   .option('run-scripts', { type: 'boolean', default: false, describe: 'deploy: devices extract the bundle and spawn its no-op script' })
+  .option('receivers', { type: 'number', default: 2, describe: 'fan-out: processes the receiving devices are spread over' })
   .option('out', { type: 'string', describe: 'JSON output file [bench/results/<time>.json]' })
   .strict()
   .help()
@@ -37,7 +38,7 @@ for (const name of names) {
 }
 
 const ctx: BenchContext = {
-  quick: argv.quick, devices: argv.devices, fdLimit: openFileLimit(), runScripts: argv.runScripts,
+  quick: argv.quick, devices: argv.devices, fdLimit: openFileLimit(), runScripts: argv.runScripts, receivers: Math.max(1, Math.floor(argv.receivers)),
   log: (m) => process.stderr.write(`${m}\n`),
 };
 const started = new Date();

@@ -29,6 +29,8 @@ export interface BenchContext {
    * measure that machine, not the controller.
    */
   runScripts: boolean;
+  /** Processes the fan-out scenario spreads its receiving devices over. */
+  receivers: number;
   log(message: string): void;
 }
 

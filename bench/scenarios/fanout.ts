@@ -1,47 +1,43 @@
 // (3) Command fan-out: from the API call to each device receiving its
 // command, for 100 / 1k / 10k connected devices; the same clients then
 // receive the same command through Mosquitto from one publishing client.
+// The devices live in receiving processes of their own (harness/receivers.ts),
+// so this process only makes the API call (or, for Mosquitto, publishes), as
+// an operator's tool would.
 import { randomUUID } from 'node:crypto';
 import mqtt from 'mqtt';
-import { Latency, monotonicUs, type SimDevice } from '../../sim/index.js';
+import { Latency, wallUs } from '../../sim/index.js';
 import { startMosquitto } from '../harness/children.js';
 import { kernexWithFleet, until } from '../harness/fleet.js';
 import { noopBundle } from '../harness/api.js';
+import { ReceiverPool } from '../harness/receivers.js';
 import { ratio, type BenchContext, type Row, type ScenarioResult } from '../report.js';
 
-interface Round {
-  t0: number;
-  got: number;
-  seen: Set<string>;
-  latency: Latency;
-  /** '*' while the deployment id is not known yet (only one deployment is in flight). */
-  commandId: string;
-}
-
 const TARGETS: Record<number, number> = { 1000: 100_000, 10000: 1_000_000 };
+const ROUND_TIMEOUT_MS = 120_000;
 
 export async function fanout(ctx: BenchContext): Promise<ScenarioResult> {
   const sizes = ctx.devices ? [ctx.devices] : ctx.quick ? [100, 500] : [100, 1000, 10000];
   const rounds = ctx.quick || ctx.devices ? 2 : 3;
   const n = Math.max(...sizes);
-  let round: Round | undefined;
-  const onCommand = (d: SimDevice, c: { command_id: string }, at: number) => {
-    if (!round || (round.commandId !== '*' && c.command_id !== round.commandId) || round.seen.has(d.id)) return;
-    round.seen.add(d.id);
-    round.latency.record(at - round.t0);
-    round.got++;
-  };
   const kernex = new Map<number, Latency>();
   const apiTimes = new Map<number, Latency>();
   const mosq = new Map<number, Latency>();
   const notes: string[] = [];
 
-  ctx.log(`fan-out: ${n} devices, sizes ${sizes.join('/')}, ${rounds} rounds each`);
-  const setup = await kernexWithFleet(ctx, n, { mode: 'record', hooks: { command: onCommand } });
-  const { ctl, api, fleet, credentials } = setup;
+  // Registration only: the devices connect from the receiving processes.
+  const { ctl, api, credentials } = await kernexWithFleet(ctx, n, { mode: 'record' });
+  let receivers: ReceiverPool;
   try {
+    receivers = await ReceiverPool.start(credentials, { server: ctl.httpUrl, processes: ctx.receivers });
+  } catch (err) {
+    await ctl.stop();
+    throw err;
+  }
+  try {
+    ctx.log(`fan-out: ${n} devices in ${receivers.processes} receiving process(es), sizes ${sizes.join('/')}, ${rounds} rounds each`);
     const bundle = await api.upload(await noopBundle('1.0.0'));
-    const report = await fleet.connect(ctl.mqtt);
+    const report = await receivers.connect(ctl.mqtt);
     if (report.failed) throw new Error(`${report.failed} devices could not connect: ${report.firstError}`);
     for (const size of sizes) {
       const ids = credentials.slice(0, size).map((c) => c.device_id);
@@ -50,16 +46,16 @@ export async function fanout(ctx: BenchContext): Promise<ScenarioResult> {
       for (let r = 0; r < rounds; r++) {
         // Commands arrive before the API answers with the deployment id, so
         // any command counts (one deployment at a time; each device once).
-        const t0 = monotonicUs();
-        round = { t0, got: 0, seen: new Set(), latency: new Latency(), commandId: '*' };
+        await receivers.arm(size);
+        const t0 = wallUs();
+        const collected = receivers.collect(t0, ROUND_TIMEOUT_MS);
         const created = await api.post<{ deployment_id: string }>('/deployments', { bundle_version: bundle.version, target_device_ids: ids });
-        apiLatency.record(monotonicUs() - t0);
-        const ok = await until(() => round!.got >= size, 120_000);
-        if (!ok) throw new Error(`fan-out to ${size}: only ${round.got} devices received the command within 120 s`);
-        all.add(round.latency);
-        round = undefined;
+        apiLatency.record(wallUs() - t0);
+        const { got, latency } = await collected;
+        if (got < size) throw new Error(`fan-out to ${size}: only ${got} devices received the command within ${ROUND_TIMEOUT_MS / 1000} s`);
+        all.add(latency);
         // Clear the deployment (every device reports success) before the next round.
-        await fleet.settle();
+        await receivers.settle();
         const finished = await until(async () => {
           const [latest] = await api.get<Array<{ deployment_id: string; finished_at: string | null }>>('/deployments?limit=1');
           return latest?.deployment_id === created.deployment_id && Boolean(latest.finished_at);
@@ -71,14 +67,17 @@ export async function fanout(ctx: BenchContext): Promise<ScenarioResult> {
       const s = all.summary();
       ctx.log(`  kernex ${size}: p50 ${s.p50_us} µs, p99 ${s.p99_us} µs, max ${s.max_us} µs (API answered in ${apiLatency.summary().p50_us} µs)`);
     }
-    await fleet.end();
+    await receivers.end();
+  } catch (err) {
+    await receivers.stop();
+    throw err;
   } finally {
     await ctl.stop();
   }
 
   const broker = await startMosquitto();
   try {
-    const report = await fleet.connect(broker.mqtt);
+    const report = await receivers.connect(broker.mqtt);
     if (report.failed) throw new Error(`${report.failed} devices could not connect to mosquitto: ${report.firstError}`);
     const publisher = await mqtt.connectAsync({ host: broker.mqtt.host, port: broker.mqtt.port, clientId: `bench-pub-${randomUUID()}` });
     for (const size of sizes) {
@@ -89,22 +88,26 @@ export async function fanout(ctx: BenchContext): Promise<ScenarioResult> {
           type: 'deploy', command_id: id, deployment_id: id, bundle_id: randomUUID(), bundle_version: '1.0.0',
           sha256: '0'.repeat(64), size: 100, url: `/api/v1/bundles/${id}`, issued_at: new Date().toISOString(),
         });
-        round = { t0: monotonicUs(), got: 0, seen: new Set(), latency: new Latency(), commandId: id };
+        await receivers.arm(size, id);
+        const t0 = wallUs();
+        const collected = receivers.collect(t0, ROUND_TIMEOUT_MS);
         for (let i = 0; i < size; i++) publisher.publish(`kernex/devices/${credentials[i]!.device_id}/commands`, command, { qos: 1 });
-        const ok = await until(() => round!.got >= size, 120_000);
-        if (!ok) throw new Error(`mosquitto fan-out to ${size}: only ${round.got} received within 120 s`);
-        all.add(round.latency);
-        round = undefined;
+        const { got, latency } = await collected;
+        if (got < size) throw new Error(`mosquitto fan-out to ${size}: only ${got} received within ${ROUND_TIMEOUT_MS / 1000} s`);
+        all.add(latency);
       }
       mosq.set(size, all);
       const s = all.summary();
       ctx.log(`  mosquitto ${size}: p50 ${s.p50_us} µs, p99 ${s.p99_us} µs, max ${s.max_us} µs`);
     }
     await publisher.endAsync();
-    await fleet.end();
+    await receivers.end();
   } finally {
+    await receivers.stop();
     await broker.stop();
   }
+  const receiverCount = receivers.processes;
+  const clockUs = receivers.clockUncertaintyUs;
 
   const rows: Row[] = [];
   for (const size of sizes) {
@@ -122,11 +125,14 @@ export async function fanout(ctx: BenchContext): Promise<ScenarioResult> {
     );
   }
   notes.push('Kernex: POST /deployments (validation, per-device state documents, then one QoS 1 publish per device) until each simulated device has the command; '
-    + 'mosquitto: one client publishes the same command (QoS 1) to each device topic. Same simulated clients, same process, same clock.');
+    + 'mosquitto: one client in the bench process publishes the same command (QoS 1) to each device topic. '
+    + `Same simulated clients for both, in ${receiverCount} receiving process(es) apart from the bench process; receipt on the wall clock `
+    + `(clocks agree within ${clockUs} µs).`);
   return {
     name: 'fanout', rows, notes,
     details: Object.fromEntries(sizes.map((s) => [s, {
       kernex: kernex.get(s)!.summary(), kernex_api_answer: apiTimes.get(s)!.summary(), mosquitto: mosq.get(s)!.summary(), rounds,
+      receiving_processes: receiverCount, clock_uncertainty_us: clockUs,
     }])),
   };
 }
