@@ -8,7 +8,7 @@ import { createServer as createTlsServer, type Server as TlsServer, type TlsOpti
 import type { Logger } from 'pino';
 import { WebSocketServer, createWebSocketStream } from 'ws';
 import { canPublish, canSubscribe, type Principal } from './acl.js';
-import { parseDeviceTopic } from './topics.js';
+import { PREFIX, parseDeviceTopic, topics } from './topics.js';
 import { createPersistence, type PersistenceConfig } from './persistence.js';
 import { ConnectionGate, GuardedConnection, type ConnectionStats } from './connections.js';
 import { createMemoryPersistence } from './memory-persistence.js';
@@ -116,6 +116,19 @@ interface Emitter {
 /** Pending connections the kernel queues for the MQTT listener. */
 const LISTEN_BACKLOG = 8192;
 
+/** Whether a filter matches some device's commands topic (`kernex/devices/{id}/commands`). */
+function isCommandsFilter(filter: string): boolean {
+  const want = [PREFIX, 'devices', undefined, 'commands'];
+  const parts = filter.split('/');
+  for (let i = 0; i < parts.length; i++) {
+    const part = parts[i]!;
+    if (part === '#') return true;
+    if (i >= want.length) return false;
+    if (part !== '+' && want[i] !== undefined && part !== want[i]) return false;
+  }
+  return parts.length === want.length;
+}
+
 function authError(message: string, returnCode: number): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
@@ -132,6 +145,14 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
   const servers: Array<Server | WebSocketServer> = [];
   const tlsServers: TlsServer[] = [];
   const heartbeatMs = options.heartbeatIntervalMs ?? 60_000;
+  /** Device connections subscribed to their own commands topic. */
+  const commandSubscribers = new WeakSet<Client>();
+  /**
+   * Commands-topic filters held by other sessions (operators diagnosing), by
+   * client id: persistent sessions keep theirs while disconnected. An entry
+   * left stale only turns the direct delivery below off, never on.
+   */
+  const commandReaders = new Map<string, Set<string>>();
 
   const aedes = await Aedes.createBroker({
     id: options.id,
@@ -221,13 +242,35 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
       const set = tokenClients.get(principal.tokenId);
       set?.delete(client);
       if (set?.size === 0) tokenClients.delete(principal.tokenId);
+      // A clean session's subscriptions end with it; a persistent one's stay.
+      if (client.clean) commandReaders.delete(client.id);
     }
     hooks.clientGone?.(principal, client.id);
   });
   aedes.on('subscribe', (subs, client) => {
     const principal = client && principals.get(client);
     if (!principal) return;
-    for (const s of subs) hooks.subscribed?.(principal, s.topic);
+    for (const s of subs) {
+      if (principal.kind === 'device') {
+        if (s.topic === topics.commands(principal.deviceId)) commandSubscribers.add(client);
+      } else if (isCommandsFilter(s.topic)) {
+        commandReaders.set(client.id, (commandReaders.get(client.id) ?? new Set()).add(s.topic));
+      }
+      hooks.subscribed?.(principal, s.topic);
+    }
+  });
+  aedes.on('unsubscribe', (unsubs, client) => {
+    const principal = client && principals.get(client);
+    if (!principal) return;
+    for (const topic of unsubs) {
+      if (principal.kind === 'device') {
+        if (topic === topics.commands(principal.deviceId)) commandSubscribers.delete(client);
+      } else {
+        const held = commandReaders.get(client.id);
+        held?.delete(topic);
+        if (held?.size === 0) commandReaders.delete(client.id);
+      }
+    }
   });
   aedes.on('clientError', (client, err) => {
     logger.debug({ clientId: client?.id, err: err.message }, 'mqtt client error');
@@ -250,6 +293,25 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     }
     cb();
   });
+
+  /**
+   * The one client that can receive this topic, when that is known here: a
+   * device's commands topic, the device connected to this instance and
+   * subscribed to it, and no other session holding a filter on commands.
+   * Such a publish goes to the client directly (Aedes queues it in the
+   * device's session as it would otherwise), skipping the topic matching
+   * against every subscription twice and the message bus: in a fan-out to
+   * 10,000 devices that was a fifth of the controller's time per command.
+   * With Redis, subscribers on other instances are not known here, so every
+   * publish takes the broker's own path.
+   */
+  const onlyReader = (topic: string): Client | undefined => {
+    if (persistence.kind !== 'memory' || commandReaders.size > 0) return undefined;
+    const parsed = parseDeviceTopic(topic);
+    if (parsed?.channel !== 'commands') return undefined;
+    const client = deviceClients.get(parsed.deviceId);
+    return client && commandSubscribers.has(client) ? client : undefined;
+  };
 
   /** Every connection, whatever its transport, enters Aedes through here. */
   const accept = (raw: Duplex, req?: IncomingMessage) => {
@@ -322,17 +384,18 @@ export async function createBroker(options: BrokerOptions, hooks: BrokerHooks, l
     },
     publish(topic, payload, opts = {}) {
       return new Promise((resolve, reject) => {
-        aedes.publish(
-          {
-            cmd: 'publish',
-            topic,
-            payload: Buffer.isBuffer(payload) ? payload : Buffer.from(JSON.stringify(payload)),
-            qos: opts.qos ?? 1,
-            retain: opts.retain ?? false,
-            dup: false,
-          },
-          (err) => (err ? reject(err) : resolve()),
-        );
+        const packet = {
+          cmd: 'publish' as const,
+          topic,
+          payload: Buffer.isBuffer(payload) ? payload : Buffer.from(JSON.stringify(payload)),
+          qos: opts.qos ?? 1,
+          retain: opts.retain ?? false,
+          dup: false,
+        };
+        const done = (err?: Error | null) => (err ? reject(err) : resolve());
+        const reader = packet.retain ? undefined : onlyReader(topic);
+        if (reader) reader.publish(packet, done);
+        else aedes.publish(packet, done);
       });
     },
     disconnectDevice(deviceId) {
