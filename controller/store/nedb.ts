@@ -20,11 +20,13 @@
 //     write that fails leaves the cache ahead of the disk; the collection is
 //     then reloaded from its file before the next operation, and a failed
 //     write is never seen by later reads;
-//   - NeDB's append returns once the bytes are in the OS (a SIGKILL of this
-//     process loses nothing acknowledged), but never fsyncs; writes resolve
-//     here only after an fsync of the datafile, shared by all writes that
-//     completed meanwhile (group commit), so an acknowledged write also
-//     survives a power cut.
+//   - NeDB opens, appends to and closes the datafile for every write, and
+//     never fsyncs. Here a write's lines are kept in memory and appended at the
+//     next group commit: one open, one write and one fsync for every write that
+//     completed meanwhile. A write resolves only once its lines are written and
+//     synced, so an acknowledged write survives a SIGKILL and a power cut; if
+//     the group's append fails, every write in it (and any buffered after it)
+//     fails, and the collection reloads from its file.
 //
 // Limit that remains: one process per data directory (each collection lives
 // in memory, the file is its append-only log).
@@ -152,9 +154,13 @@ class CollectionEngine {
   private loaded: NedbDatastore | undefined;
   private tail: Promise<unknown> = Promise.resolve();
   private compaction: Promise<void> | undefined;
-  /** The fsync under way, and the one queued to start after it (group commit). */
+  /** The group commit under way, and the one queued to start after it. */
   private syncing: Promise<void> | undefined;
   private nextSync: Promise<void> | undefined;
+  /** Serialized lines of completed writes, not yet in the datafile. */
+  private appends: string[] = [];
+  /** Bumped whenever buffered lines are dropped: a write from an older epoch was lost. */
+  private epoch = 0;
 
   constructor(
     readonly name: string,
@@ -179,14 +185,23 @@ class CollectionEngine {
     if (this.isClosed()) return Promise.reject(this.closedError());
     const result = this.tail.then(() => this.runWrite(op));
     this.tail = result.catch(() => undefined);
-    // The fsync happens outside the queue, so writes completing meanwhile share it.
-    return this.syncWrites && this.filename ? result.then(async (value) => (await this.durable(), value)) : result;
+    if (!this.filename) return result.then(({ value }) => value);
+    // The commit happens outside the queue, so writes completing meanwhile share it.
+    return result.then(async ({ value, epoch }) => {
+      await this.durable();
+      if (epoch !== this.epoch) {
+        throw new StoreUnavailableError(`${this.label}: the write could not be stored (an append to the datafile failed)`);
+      }
+      return value;
+    });
   }
 
-  private async runWrite<R>(op: (db: NedbDatastore) => PromiseLike<R>): Promise<R> {
+  private async runWrite<R>(op: (db: NedbDatastore) => PromiseLike<R>): Promise<{ value: R; epoch: number }> {
     const db = await this.load();
     try {
-      return await op(db);
+      const value = await op(db);
+      // Taken as the op's lines are buffered: a failed commit after this moment bumps it.
+      return { value, epoch: this.epoch };
     } catch (error) {
       const mapped = mapError(error, this.label);
       if (mapped instanceof StoreUnavailableError) this.forget(db);
@@ -216,20 +231,37 @@ class CollectionEngine {
     return next;
   }
 
+  /** Appends the buffered lines in one write, then fsyncs (group commit). */
   private async fsync(): Promise<void> {
+    if (this.appends.length === 0) return;
     const db = this.loaded;
+    const text = this.appends.join('');
+    this.appends = [];
     try {
-      const handle = await open(this.filename!, 'r');
+      const handle = await open(this.filename!, 'a', 0o644);
       try {
-        await handle.datasync();
+        await handle.writeFile(text, 'utf8');
+        if (this.syncWrites) await handle.datasync();
       } finally {
         await handle.close();
       }
     } catch (error) {
-      // Whether the bytes reached the disk is unknown: start again from what the file holds.
+      // What reached the disk is unknown: drop what is buffered, fail those
+      // writes, and start again from what the file holds.
+      this.appends = [];
+      this.epoch++;
       if (db) this.forget(db);
       throw asUnavailable(error, this.label);
     }
+  }
+
+  /** Lines of a write on `db`, appended at the next commit (instead of NeDB's open-append-close per write). */
+  private buffer(db: NedbDatastore, docs: StoredDocument[]): void {
+    // A write still running on an instance already given up must not reach the file the next one loaded.
+    if (this.loaded !== db) throw new StoreUnavailableError(`${this.label}: reloading after a failed write`);
+    let text = '';
+    for (const doc of docs) text += `${nedbModel.serialize(doc)}\n`;
+    if (text) this.appends.push(text);
   }
 
   compact(): Promise<void> {
@@ -250,6 +282,8 @@ class CollectionEngine {
   async flush(): Promise<void> {
     await this.tail;
     await this.syncing?.catch(() => undefined);
+    await this.nextSync?.catch(() => undefined);
+    await this.durable().catch(() => undefined);
     await this.compaction?.catch(() => undefined);
     await this.compact();
   }
@@ -267,6 +301,9 @@ class CollectionEngine {
     if (!this.loading) {
       const filename = this.filename;
       const db = new Datastore(filename ? { filename } : { inMemoryOnly: true });
+      if (filename) {
+        (db as unknown as NedbInternals).persistence.persistNewStateAsync = async (docs) => this.buffer(db, docs);
+      }
       const ready = filename ? checkDatafile(filename) : Promise.resolve();
       this.loading = ready.then(() => db.loadDatabaseAsync()).then(
         () => {
@@ -446,9 +483,49 @@ async function updateFirst(db: NedbDatastore, filter: Filter, update: Update, up
   }
   const modifiers = modifiersForExisting(update);
   if (!modifiers) return { result: { matched: 1, modified: 0, upserted: false }, doc: before };
-  const { affectedDocuments } = await db.updateAsync({ _id: before._id }, modifiers, { returnUpdatedDocs: true });
-  const after = affectedDocuments as StoredDocument;
+  const after = await updateById(db, before._id, modifiers);
+  if (!after) return { result: { matched: 0, modified: 0, upserted: false }, doc: null };
   return { result: { matched: 1, modified: isDeepStrictEqual(before, after) ? 0 : 1, upserted: false }, doc: after };
+}
+
+/**
+ * One document's update, as NeDB's own update does it, but without taking the
+ * document out of every index and putting it back when no indexed field
+ * changes. NeDB keeps the documents sharing an index key in an array, and
+ * taking one out copies the array: with every online device under one key of
+ * the presence index, each device update cost O(fleet). Resolves the document
+ * after the update (a copy), or null if it is gone.
+ */
+async function updateById(db: NedbDatastore, id: string, modifiers: Query): Promise<StoredDocument | null> {
+  const internal = db as unknown as NedbInternals;
+  return internal.executor.pushAsync(async () => {
+    const [oldDoc] = (await internal._getCandidatesAsync({ _id: id })).filter((doc) => doc._id === id);
+    if (!oldDoc) return null;
+    const newDoc = nedbModel.modify(oldDoc, modifiers);
+    replaceIndexed(internal, [{ oldDoc, newDoc }]);
+    await internal.persistence.persistNewStateAsync([newDoc]);
+    return copyValue(newDoc);
+  });
+}
+
+/**
+ * Puts new versions of documents in place of the old: through NeDB's index
+ * update (all or nothing; throws on a unique index refusing it) for those
+ * whose indexed fields change, in place for the others (the indexes keep
+ * pointing at the same object; NeDB hands out copies only).
+ */
+function replaceIndexed(internal: NedbInternals, modifications: Array<{ oldDoc: StoredDocument; newDoc: StoredDocument }>): void {
+  const indexed = Object.keys(internal.indexes).flatMap((name) => name.split(','));
+  const keepsKeys = (m: { oldDoc: StoredDocument; newDoc: StoredDocument }) =>
+    indexed.every((f) => nedbModel.compareThings(nedbModel.getDotValue(m.oldDoc, f), nedbModel.getDotValue(m.newDoc, f)) === 0);
+  const reindex = new Set(modifications.filter((m) => !keepsKeys(m)));
+  if (reindex.size > 0) internal._updateIndexes([...reindex]);
+  for (const m of modifications) {
+    if (reindex.has(m)) continue;
+    const target = m.oldDoc as unknown as Record<string, unknown>;
+    for (const key of Object.keys(target)) if (!(key in m.newDoc)) delete target[key];
+    Object.assign(target, m.newDoc);
+  }
 }
 
 /**
@@ -489,6 +566,7 @@ interface NedbInternals {
 }
 
 interface NedbModel {
+  serialize(doc: unknown): string;
   match(doc: unknown, query: Query): boolean;
   modify(doc: unknown, update: Query): StoredDocument;
   getDotValue(doc: unknown, field: string): unknown;
@@ -528,23 +606,11 @@ async function updateBatch(db: NedbDatastore, ops: BulkUpdate[]): Promise<boolea
       }
     }
     if (modifications.length === 0) return true;
-    // A heartbeat changes no indexed field: the indexes keep pointing at the
-    // same document object, updated in place (NeDB hands out copies only).
-    // Re-indexing every document was most of the cost of a flush.
-    const indexed = Object.keys(internal.indexes).flatMap((name) => name.split(','));
-    const keepsKeys = (m: { oldDoc: StoredDocument; newDoc: StoredDocument }) =>
-      indexed.every((f) => nedbModel.compareThings(nedbModel.getDotValue(m.oldDoc, f), nedbModel.getDotValue(m.newDoc, f)) === 0);
-    const reindex = new Set(modifications.filter((m) => !keepsKeys(m)));
+    // A heartbeat changes no indexed field: re-indexing every document was most of the cost of a flush.
     try {
-      if (reindex.size > 0) internal._updateIndexes([...reindex]);
+      replaceIndexed(internal, modifications);
     } catch {
       return false; // NeDB rolled the indexes back
-    }
-    for (const m of modifications) {
-      if (reindex.has(m)) continue;
-      const target = m.oldDoc as unknown as Record<string, unknown>;
-      for (const key of Object.keys(target)) if (!(key in m.newDoc)) delete target[key];
-      Object.assign(target, m.newDoc);
     }
     await internal.persistence.persistNewStateAsync(modifications.map((m) => m.newDoc));
     return true;
