@@ -2,7 +2,6 @@
 // same commands in its heartbeat answers and reports over REST; the real
 // agent switches to it by itself when the broker is unreachable.
 import { mkdtemp, readFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt from 'mqtt';
@@ -12,6 +11,7 @@ import { packBundle, scriptBundle } from './support/bundles.js';
 import { expectShape } from './support/shapes.js';
 import { validate } from '../schemas/index.js';
 import { registerDevice } from './support/devices.js';
+import { freePort } from './support/ports.js';
 
 let tc: TestController;
 let work: string;
@@ -22,10 +22,7 @@ beforeAll(async () => {
   tc = await startTestController();
   work = await mkdtemp(join(tmpdir(), 'kernex-http-'));
   // A port nothing listens on: the "unreachable broker".
-  const probe = createServer();
-  await new Promise<void>((r) => probe.listen(0, '127.0.0.1', () => r()));
-  closedPort = (probe.address() as { port: number }).port;
-  await new Promise<void>((r) => probe.close(() => r()));
+  closedPort = await freePort();
 });
 afterAll(async () => {
   await Promise.all(agents.map((a) => a.stop()));

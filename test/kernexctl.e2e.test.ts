@@ -3,7 +3,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
-import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
@@ -13,6 +12,7 @@ import { startTestController, waitFor, type TestController } from './support/con
 import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { ctlEnv, jsonLines, kernexctl, KERNEXCTL_BIN, spawnKernexctl, type CtlProcess } from './support/kernexctl.js';
 import { hasProgram } from './support/programs.js';
+import { freePort } from './support/ports.js';
 
 const tc: TestController = await startTestController();
 // Rollback, device config and bundle history come with issue #3; until that
@@ -56,15 +56,6 @@ async function bundleDir(version: string, out: string, opts: { exit?: number; ma
   await writeFile(join(dir, 'bin/rollback.sh'), `#!/bin/sh\necho "rollback ${version}" >> "${out}"\n`);
   await writeFile(join(dir, 'payload/app.txt'), `app ${version}\n`);
   return dir;
-}
-
-/** A TCP port nothing listens on. */
-async function closedPort(): Promise<number> {
-  const server: Server = createServer();
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  const { port } = server.address() as { port: number };
-  await new Promise((r) => server.close(r));
-  return port;
 }
 
 beforeAll(async () => {
@@ -357,7 +348,7 @@ describe('errors: one line saying what to do, and an exit code', () => {
   };
 
   test('unreachable controller: exit 3; --verbose adds the stack', async () => {
-    const port = await closedPort();
+    const port = await freePort();
     const res = await kernexctl(['status', '--server', `http://127.0.0.1:${port}`, '--token', 'x']);
     expect(res.code).toBe(3);
     expect(res.stderr).toBe(`kernexctl: cannot reach the controller at http://127.0.0.1:${port} (ECONNREFUSED): ` +
@@ -388,7 +379,7 @@ describe('errors: one line saying what to do, and an exit code', () => {
   });
 
   test('the local credential file is never sent to another server', async () => {
-    const port = await closedPort();
+    const port = await freePort();
     const res = await kernexctl(['devices', 'list', '--server', `http://127.0.0.1:${port}`], { env: local() });
     expect(res.code).toBe(4);
     expect(res.stderr).toMatch(/^kernexctl: no API token: pass --token or set KERNEX_TOKEN/);
@@ -464,7 +455,7 @@ describe('errors: one line saying what to do, and an exit code', () => {
   });
 
   test('MQTT broker unreachable: watch exits 3; --wait falls back to polling the REST API', async () => {
-    const mqtt = `mqtt://127.0.0.1:${await closedPort()}`;
+    const mqtt = `mqtt://127.0.0.1:${await freePort()}`;
     const watch = await ctl('watch', '--mqtt-url', mqtt);
     expect(watch.code).toBe(3);
     expect(watch.stderr).toMatch(new RegExp(`^kernexctl: cannot reach the MQTT broker at ${mqtt} \\(ECONNREFUSED\\): set --mqtt-url or KERNEX_MQTT_URL\n$`));

@@ -1,11 +1,11 @@
 // An agent whose token the controller no longer accepts registers again with
 // its own key and carries on, over MQTT and over the HTTP fallback; a revoked
 // device does not get back in that way.
-import { createServer } from 'node:net';
 import { loadIdentity } from '../agent/identity.js';
 import { startTestController, waitFor, type TestController } from './support/controller.js';
 import { startAgentProcess, type AgentProcess } from './support/agent.js';
 import { registerDevice } from './support/devices.js';
+import { freePort } from './support/ports.js';
 
 let tc: TestController;
 let closedPort: number;
@@ -13,10 +13,8 @@ const agents: AgentProcess[] = [];
 
 beforeAll(async () => {
   tc = await startTestController();
-  const probe = createServer();
-  await new Promise<void>((r) => probe.listen(0, '127.0.0.1', () => r()));
-  closedPort = (probe.address() as { port: number }).port;
-  await new Promise<void>((r) => probe.close(() => r()));
+  // A port nothing listens on: the "unreachable broker".
+  closedPort = await freePort();
 });
 afterAll(async () => {
   await Promise.all(agents.map((a) => a.stop()));
