@@ -108,7 +108,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   let heartbeatTimer: NodeJS.Timeout | undefined;
   let stopped = false;
   let backoff = 1000;
-  let reenrolled = false;
+  let reenrolling: Promise<void> | undefined;
   let httpBusy = false;
   let onHttp = false;
   let markReady!: () => void;
@@ -120,19 +120,20 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
    * once per run, so two copies of one identity cannot take the token from
    * each other forever. A revoked device is refused and stays refused.
    */
-  const reenrollOnce = async (): Promise<boolean> => {
-    if (reenrolled || !config.enrollmentToken || stopped) return false;
-    reenrolled = true;
-    logger.warn({ deviceId: config.deviceId }, 'the controller refused this device\'s token; registering again');
-    try {
-      await enroll(config, state, logger, httpFetch);
-      // A client still reconnecting (the HTTP fallback found out first) must use the new token.
-      if (client) client.options.password = state.state.token ?? '';
-      return true;
-    } catch (err) {
-      logger.error({ err: (err as Error).message }, 're-enrollment failed');
-      return false;
-    }
+  const reenrollOnce = (): Promise<void> => {
+    if (!config.enrollmentToken || stopped) return Promise.resolve();
+    // Both paths (an MQTT login refused, an HTTP 401) wait for the one attempt.
+    reenrolling ??= (async () => {
+      logger.warn({ deviceId: config.deviceId }, 'the controller refused this device\'s token; registering again');
+      try {
+        await enroll(config, state, logger, httpFetch);
+        // A client still reconnecting (on a network error) must use the new token.
+        if (client) client.options.password = state.state.token ?? '';
+      } catch (err) {
+        logger.error({ err: (err as Error).message }, 're-enrollment failed');
+      }
+    })();
+    return reenrolling;
   };
 
   const interval = () => state.state.polling_interval ?? config.pollingInterval;
@@ -226,6 +227,8 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
   const mqttUrl = config.mqttUrl ?? state.state.mqtt_url ?? `mqtt://${new URL(config.server).hostname}:1883`;
 
   const connect = () => {
+    const usedToken = state.state.token;
+    let refused = false;
     const c = mqtt.connect(mqttUrl, {
       clientId: config.deviceId,
       username: config.deviceId,
@@ -263,8 +266,12 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<A
     c.on('error', (err: Error & { code?: number }) => {
       logger.warn({ err: err.message }, 'mqtt error');
       // Not authorized: the controller no longer knows this token.
-      if ((err.code === 4 || err.code === 5) && !reenrolled && config.enrollmentToken && !stopped) {
-        c.end(true, () => void reenrollOnce().then((ok) => ok && connect()));
+      // mqtt.js does not reconnect after a refused login: a new client, once there is a new token.
+      if ((err.code === 4 || err.code === 5) && config.enrollmentToken && !stopped && !refused) {
+        refused = true;
+        c.end(true, () => void reenrollOnce().then(() => {
+          if (!stopped && state.state.token !== usedToken) connect();
+        }));
       }
     });
     c.on('message', (t, payload) => {
